@@ -1,0 +1,111 @@
+"""The ranker contract shared by every model family.
+
+Attacks, defenses and evaluation talk to a model only through this interface, so that
+each of them works on every family without ``if family == ...`` branches:
+
+- :meth:`Ranker.embed` -- the differentiable continuous representation that attacks take
+  gradients through (normalized embedding, tanh-relaxed hash code, soft-PQ feature).
+- :meth:`Ranker.distance` -- the differentiable pairwise distance between two batches of
+  ``embed`` outputs (smaller means closer). Ranking losses and attacks use it.
+- :meth:`Ranker.encode` -- the representation stored in a retrieval index (float embedding,
+  hard PQ codes, packed binary codes); not differentiable.
+- :meth:`Ranker.code_distance` -- the pairwise distance between two batches of ``encode``
+  outputs that retrieval ranks by; clean metrics are computed with it.
+- :meth:`Ranker.build_index` -- a search index over ``encode`` outputs.
+- optional capabilities, ``None`` unless a family has them: :attr:`Ranker.codebooks` (product
+  quantization) and :attr:`Ranker.hash_bits` (hashing). An attack declares the capabilities it
+  needs and the evaluation engine skips (and reports) combinations that cannot apply.
+
+Images are in ``[0, 1]``; any input normalization happens inside the model, so attack
+budgets are in pixel units.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from retrieval.index import RetrievalIndex, TorchFlatIndex
+from retrieval.metrics import RetrievalMetrics
+
+
+class Ranker(pl.LightningModule):
+    """Base class of all rankers: the contract above plus the clean retrieval evaluation.
+
+    Subclasses implement :meth:`embed`, :meth:`distance` and ``training_step``. Validation and
+    test embed the evaluation split (query set = gallery, self excluded) and log
+    ``<stage>/recall@1``, ``<stage>/map``, ``<stage>/map@r`` and ``<stage>/nmi``.
+    Batches are ``(images, labels, sample_indices)``; the indices let the metrics drop the
+    duplicates a distributed sampler pads with, so that DDP and single-process numbers agree.
+    """
+
+    #: ``(M, K, D/M)`` codebooks for product-quantization rankers, else ``None``.
+    codebooks: Tensor | None = None
+    #: number of code bits for hashing rankers, else ``None``.
+    hash_bits: int | None = None
+
+    def __init__(self, recall_ks: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+        super().__init__()
+        self.recall_ks = tuple(recall_ks)
+        self.val_metrics = RetrievalMetrics(distance=self.code_distance, recall_ks=self.recall_ks)
+        self.test_metrics = RetrievalMetrics(distance=self.code_distance, recall_ks=self.recall_ks)
+
+    # ----------------------------------------------------------------- contract
+    def embed(self, x: Tensor) -> Tensor:
+        """Differentiable ``[B, D]`` representation of images ``x`` in ``[0, 1]``."""
+        raise NotImplementedError
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """Pairwise ``[A, B]`` differentiable distance between ``embed`` outputs."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """What the retrieval index stores; by default the embedding itself."""
+        return self.embed(x)
+
+    def code_distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """Pairwise distance between ``encode`` outputs; by default :meth:`distance`."""
+        return self.distance(a, b)
+
+    def build_index(self, codes: Tensor) -> RetrievalIndex:
+        """An exact search index over ``codes``. Families override this with a faiss index
+        (GPU faiss when available); the default is a brute-force torch index over
+        :meth:`code_distance`."""
+        index = TorchFlatIndex(distance=self.code_distance)
+        index.add(codes)
+        return index
+
+    @property
+    def capabilities(self) -> set[str]:
+        """Names of the optional capabilities this ranker has (``codebooks``, ``hash_bits``)."""
+        return {name for name in ("codebooks", "hash_bits") if getattr(self, name) is not None}
+
+    # ------------------------------------------------------- clean evaluation
+    def _eval_step(self, metrics: RetrievalMetrics, batch: Any) -> None:
+        x, y, idx = batch
+        metrics.update(self.encode(x), y, idx)
+
+    def _eval_epoch_end(self, metrics: RetrievalMetrics, stage: str) -> None:
+        if metrics.update_count == 0:  # e.g. sanity checking disabled / no batches
+            return
+        values = metrics.compute()
+        # Every rank holds the gathered, de-duplicated gallery, so the values are identical
+        # across ranks and need no further reduction.
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
+        metrics.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(self.val_metrics, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(self.test_metrics, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.test_metrics, "test")

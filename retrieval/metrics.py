@@ -1,0 +1,409 @@
+"""Functional retrieval metrics: Recall@k, mAP, MAP@R, NMI.
+
+Conventions shared by every function here:
+
+- ``distances`` is a ``[Q, N]`` matrix (or a ``distance(a, b) -> [A, B]`` callable), smaller
+  means closer.
+- A query's ranking is its gallery sorted by ascending distance, ties broken by gallery index
+  (a stable sort), so results are deterministic and identical on CPU and CUDA.
+- Relevance means "same label".
+- ``exclude_self=True`` is for the usual "query set = gallery" protocol: query ``i`` is gallery
+  item ``i`` and is removed from its own ranking (ranks are counted as if it were absent).
+- Queries without any relevant gallery item contribute 0 to mAP and MAP@R (and a miss to
+  Recall@k) instead of being dropped, so the denominator is always the number of queries.
+
+The class wrapper :class:`RetrievalMetrics` (a ``torchmetrics.Metric``) lives in
+:mod:`retrieval.retrieval_metrics` and is re-exported at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RetrievalMetrics",
+    "deduplicate_by_index",
+    "evaluate_retrieval",
+    "kmeans_nmi",
+    "map_at_r",
+    "mean_average_precision",
+    "normalized_mutual_info",
+    "rank_gallery",
+    "recall_at_k",
+]
+
+DistanceFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- ranking helpers
+def rank_gallery(distances: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """Gallery indices of every query's ranking, closest first, ties broken by gallery index.
+
+    Args:
+        distances: ``[Q, N]`` distances (smaller is closer).
+        exclude: optional ``[Q, N]`` boolean mask of entries to drop from the rankings; every row
+            must drop the same number ``E`` of entries (e.g. exactly one for self exclusion).
+
+    Returns:
+        ``[Q, N - E]`` long tensor of gallery indices.
+    """
+    if distances.dim() != 2:
+        raise ValueError(f"distances must be [Q, N], got shape {tuple(distances.shape)}")
+    order = torch.sort(distances, dim=1, stable=True).indices
+    if exclude is None:
+        return order
+    if exclude.shape != distances.shape:
+        raise ValueError("exclude must have the same shape as distances")
+    num_q, num_n = distances.shape
+    per_row = exclude.sum(dim=1)
+    if num_q and not bool((per_row == per_row[0]).all()):
+        raise ValueError("exclude must drop the same number of entries from every row")
+    num_excluded = int(per_row[0]) if num_q else 0
+    keep = ~exclude.gather(1, order)
+    # Boolean indexing keeps row-major order, so each row keeps its ranking order.
+    return order[keep].view(num_q, num_n - num_excluded)
+
+
+def _rank_chunk(distances: Tensor, self_offset: int | None) -> Tensor:
+    """Ranking of a chunk of queries; with ``self_offset`` query ``j`` of the chunk is gallery
+    item ``self_offset + j`` and is removed from its row."""
+    if self_offset is None:
+        return torch.sort(distances, dim=1, stable=True).indices
+    num_q, num_n = distances.shape
+    rows = torch.arange(num_q, device=distances.device)
+    self_idx = rows + self_offset
+    # Push the self entry to +inf (out of place: the chunk may be a view of the caller's
+    # matrix) so the stable sort usually puts it last and dropping the last column removes it.
+    pushed = distances.index_put((rows, self_idx), torch.tensor(float("inf"), device=distances.device))
+    order = torch.sort(pushed, dim=1, stable=True).indices
+    if bool((order[:, -1] == self_idx).all()):
+        return order[:, :-1]
+    # Some row has other +inf entries of higher gallery index after the self entry: remove it
+    # by a mask instead (boolean indexing keeps each row's ranking order).
+    keep = order != self_idx[:, None]
+    return order[keep].view(num_q, num_n - 1)
+
+
+def _relevance_stats(relevant: Tensor, ks: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-query statistics of a ``[C, N']`` boolean relevance matrix in ranking order.
+
+    Returns ``(hits [C, len(ks)] bool, ap [C] float64, ap_at_r [C] float64)``.
+    """
+    num_q, num_n = relevant.shape
+    device = relevant.device
+    if num_n == 0:  # empty ranking (e.g. a one-item gallery with self exclusion)
+        zeros = torch.zeros(num_q, dtype=torch.float64, device=device)
+        return torch.zeros(num_q, len(ks), dtype=torch.bool, device=device), zeros, zeros.clone()
+
+    cum = relevant.cumsum(dim=1, dtype=torch.int32)  # relevant items within the first i
+    num_rel = cum[:, -1]
+    # Leading non-relevant positions = 0-based rank of the first hit; pushed past every k when
+    # there is no relevant item (a k larger than N' must not count it as a hit).
+    first_hit = torch.where(num_rel > 0, (cum == 0).sum(dim=1), torch.iinfo(torch.int64).max)
+    hits = first_hit[:, None] < torch.as_tensor(list(ks), device=device)[None, :]
+
+    ranks = torch.arange(1, num_n + 1, device=device, dtype=torch.float32)
+    # P(i) * rel(i); float32 is exact enough per entry, the sums are accumulated in float64.
+    prec_at_rel = torch.where(relevant, cum.to(torch.float32) / ranks, 0.0)
+    denom = num_rel.clamp(min=1).to(torch.float64)
+    ap = prec_at_rel.sum(dim=1, dtype=torch.float64) / denom
+    within_r = ranks[None, :] <= num_rel[:, None]
+    ap_at_r = (prec_at_rel * within_r).sum(dim=1, dtype=torch.float64) / denom
+    return hits, ap, ap_at_r
+
+
+def _accumulate(
+    distance_chunks: Iterable[tuple[int, Tensor]],
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    exclude_self: bool,
+    ks: Sequence[int],
+) -> dict[str, Any]:
+    """Sum per-query statistics over ``(start, distances[start:start + C])`` chunks.
+
+    Sums stay on the device and are read back once at the end (no per-query host transfers).
+    """
+    hit_sum: Tensor | None = None
+    ap_sum = ap_r_sum = None
+    count = 0
+    for start, dist in distance_chunks:
+        order = _rank_chunk(dist, start if exclude_self else None)
+        del dist  # the chunk's distances are no longer needed; keep peak memory ~ C x N
+        q_lab = query_labels[start : start + order.shape[0]].to(order.device)
+        relevant = gallery_labels.to(order.device)[order] == q_lab[:, None]
+        hits, ap, ap_r = _relevance_stats(relevant, ks)
+        if hit_sum is None:
+            hit_sum, ap_sum, ap_r_sum = hits.sum(0), ap.sum(), ap_r.sum()
+        else:
+            hit_sum, ap_sum, ap_r_sum = hit_sum + hits.sum(0), ap_sum + ap.sum(), ap_r_sum + ap_r.sum()
+        count += order.shape[0]
+    if count == 0:
+        raise ValueError("retrieval metrics need at least one query")
+    assert hit_sum is not None and ap_sum is not None and ap_r_sum is not None
+    hit_list = hit_sum.tolist()
+    return {
+        "recall": {k: hit_list[i] / count for i, k in enumerate(ks)},
+        "map": float(ap_sum) / count,
+        "map@r": float(ap_r_sum) / count,
+    }
+
+
+def _check_inputs(
+    num_q: int, num_n: int, query_labels: Tensor, gallery_labels: Tensor, exclude_self: bool
+) -> None:
+    if query_labels.shape != (num_q,):
+        raise ValueError(f"query_labels must have shape ({num_q},), got {tuple(query_labels.shape)}")
+    if gallery_labels.shape != (num_n,):
+        raise ValueError(f"gallery_labels must have shape ({num_n},), got {tuple(gallery_labels.shape)}")
+    if exclude_self and num_q != num_n:
+        raise ValueError(f"exclude_self needs query set = gallery, got {num_q} queries and {num_n} items")
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 for k in ks):
+        raise ValueError(f"recall ks must be >= 1, got {ks}")
+    return ks
+
+
+def _matrix_chunks(distances: Tensor, chunk_size: int) -> Iterable[tuple[int, Tensor]]:
+    for start in range(0, distances.shape[0], chunk_size):
+        yield start, distances[start : start + chunk_size]
+
+
+def _stats_from_matrix(
+    distances: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    exclude_self: bool,
+    ks: Sequence[int] = (1,),
+    chunk_size: int = 1024,
+) -> dict[str, Any]:
+    if distances.dim() != 2:
+        raise ValueError(f"distances must be [Q, N], got shape {tuple(distances.shape)}")
+    _check_inputs(distances.shape[0], distances.shape[1], query_labels, gallery_labels, exclude_self)
+    # Chunking bounds the memory of the sort / relevance temporaries even for a full matrix.
+    return _accumulate(_matrix_chunks(distances, chunk_size), query_labels, gallery_labels, exclude_self, ks)
+
+
+# --------------------------------------------------------------------------- ranking metrics
+def recall_at_k(
+    distances: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    ks: Sequence[int],
+    exclude_self: bool = False,
+) -> dict[int, float]:
+    """Recall@k: fraction of queries with at least one relevant item among their first ``k``.
+
+    A ``k`` larger than the ranking length counts the whole ranking.
+    """
+    ks = _check_ks(ks)
+    return _stats_from_matrix(distances, query_labels, gallery_labels, exclude_self, ks)["recall"]
+
+
+def mean_average_precision(
+    distances: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    exclude_self: bool = False,
+) -> float:
+    """Mean over queries of the average precision over the whole ranking,
+    ``AP = (1 / R) * sum_i P(i) * rel(i)`` with ``R`` the number of relevant items.
+
+    Queries without any relevant item contribute an AP of 0.
+    """
+    return _stats_from_matrix(distances, query_labels, gallery_labels, exclude_self)["map"]
+
+
+def map_at_r(
+    distances: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    exclude_self: bool = False,
+) -> float:
+    """MAP@R (Musgrave et al., "A Metric Learning Reality Check", 2020).
+
+    With ``R`` the number of relevant items of a query, ``AP@R = (1 / R) * sum_{i <= R} P(i) *
+    rel(i)``; averaged over queries. Queries without any relevant item contribute 0.
+    """
+    return _stats_from_matrix(distances, query_labels, gallery_labels, exclude_self)["map@r"]
+
+
+# --------------------------------------------------------------------------- clustering metrics
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).reshape(-1)
+
+
+def _entropy(counts: np.ndarray, total: float) -> float:
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_mutual_info(labels_true: Tensor | Sequence[Any], labels_pred: Tensor | Sequence[Any]) -> float:
+    """Normalized mutual information ``MI / mean(H(true), H(pred))`` (arithmetic-mean
+    normalization, natural log), matching ``sklearn.metrics.normalized_mutual_info_score``
+    including its limit cases (both labelings trivial -> 1, zero MI -> 0)."""
+    t = _as_numpy(labels_true)
+    p = _as_numpy(labels_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"label arrays differ in length: {t.shape[0]} vs {p.shape[0]}")
+    classes, t_idx = np.unique(t, return_inverse=True)
+    clusters, p_idx = np.unique(p, return_inverse=True)
+    if len(classes) == len(clusters) and len(classes) <= 1:
+        # Neither labeling splits the data: a perfect (if uninformative) match, as in sklearn.
+        return 1.0
+    if len(classes) == 1 or len(clusters) == 1:
+        return 0.0  # one side has zero entropy, so MI = 0
+    n = float(t.shape[0])
+    # Sparse contingency table: only the non-empty (class, cluster) cells, so memory stays
+    # O(samples) even with thousands of classes and clusters.
+    cells, n_ij = np.unique(t_idx.astype(np.int64) * len(clusters) + p_idx, return_counts=True)
+    a = np.bincount(t_idx, minlength=len(classes)).astype(np.float64)
+    b = np.bincount(p_idx, minlength=len(clusters)).astype(np.float64)
+    a_i = a[cells // len(clusters)]
+    b_j = b[cells % len(clusters)]
+    n_ij = n_ij.astype(np.float64)
+    mi = float((n_ij / n * (np.log(n_ij) + math.log(n) - np.log(a_i) - np.log(b_j))).sum())
+    mi = max(mi, 0.0)  # round-off can make an independent pair slightly negative
+    if mi <= np.finfo(np.float64).eps:
+        return 0.0
+    normalizer = 0.5 * (_entropy(a, n) + _entropy(b, n))
+    return float(mi / normalizer)
+
+
+def _kmeans_pp_init(x: Tensor, k: int, seed: int) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007) on ``x``'s device.
+
+    Why: faiss initializes with k random points, which on well-separated classes routinely puts
+    two centroids in one class and leaves another without any (Lloyd iterations never recover),
+    so NMI would measure the initialization more than the embedding. The loop is over the k
+    centroids (each step vectorized over all points); the uniforms come from a seeded CPU
+    generator so the seeding is deterministic.
+    """
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
+    first = int(torch.randint(n, (1,), generator=gen))
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centroids[0] = x[first]
+    min_sq = ((x - centroids[0]) ** 2).sum(dim=1).to(torch.float64)
+    for c in range(1, k):
+        # Sample the next centroid with probability proportional to the squared distance to
+        # the closest chosen one (inverse CDF; stays on the device, no host sync).
+        cdf = min_sq.cumsum(0)
+        pick = torch.searchsorted(cdf, (uniforms[c] * cdf[-1]).reshape(1), right=True).clamp_max(n - 1)
+        centroids[c] = x[pick[0]]
+        min_sq = torch.minimum(min_sq, ((x - centroids[c]) ** 2).sum(dim=1).to(torch.float64))
+    return centroids
+
+
+def kmeans_nmi(
+    embeddings: Tensor,
+    labels: Tensor,
+    num_clusters: int | None = None,
+    seed: int = 0,
+    niter: int = 20,
+) -> float:
+    """NMI between ``labels`` and a k-means clustering of ``embeddings``.
+
+    ``num_clusters`` defaults to the number of distinct labels. Lloyd iterations run in faiss
+    (CPU, exact assignment) from a seeded k-means++ initialization, on every point (no faiss
+    subsampling), so the result depends only on the data and ``seed``.
+    """
+    import faiss  # local import: the ranking metrics do not need faiss
+
+    emb = embeddings.detach().to(torch.float32)
+    if emb.dim() != 2:
+        raise ValueError(f"embeddings must be [N, D], got shape {tuple(emb.shape)}")
+    y = _as_numpy(labels)
+    n, dim = emb.shape
+    k = int(num_clusters) if num_clusters is not None else len(np.unique(y))
+    k = min(k, n)
+    if k <= 1:
+        return normalized_mutual_info(y, np.zeros(n, dtype=np.int64))
+    init = np.ascontiguousarray(_kmeans_pp_init(emb, k, seed).cpu().numpy())
+    x = np.ascontiguousarray(emb.cpu().numpy())
+    km = faiss.Kmeans(
+        dim,
+        k,
+        niter=niter,
+        seed=seed,
+        verbose=False,
+        min_points_per_centroid=1,  # silences faiss's "too few points" warning on small sets
+        max_points_per_centroid=(n + k - 1) // k + 1,  # train on every point, no subsampling
+    )
+    km.train(x, init_centroids=init)
+    _, assign = km.index.search(x, 1)
+    return normalized_mutual_info(y, assign.reshape(-1))
+
+
+# --------------------------------------------------------------------------- all-in-one
+def evaluate_retrieval(
+    query_codes: Tensor,
+    query_labels: Tensor,
+    gallery_codes: Tensor,
+    gallery_labels: Tensor,
+    distance: DistanceFn,
+    exclude_self: bool = False,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    chunk_size: int = 1024,
+    nmi: bool = True,
+) -> dict[str, float]:
+    """Recall@k, mAP, MAP@R (and NMI) of ``query_codes`` against ``gallery_codes``.
+
+    Distances are computed ``chunk_size`` queries at a time, so peak memory is about
+    ``chunk_size x N`` entries and the full ``Q x N`` matrix never exists.
+
+    Returns a dict with keys ``recall@<k>`` for each ``k`` in ``recall_ks``, ``map``, ``map@r``
+    and ``nmi`` (k-means NMI of the gallery codes vs the gallery labels; omitted when
+    ``nmi=False`` or when the codes are not floating point, e.g. PQ or packed binary codes).
+    """
+    ks = _check_ks(recall_ks)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_q, num_n = query_codes.shape[0], gallery_codes.shape[0]
+    _check_inputs(num_q, num_n, query_labels, gallery_labels, exclude_self)
+
+    def chunks() -> Iterable[tuple[int, Tensor]]:
+        for start in range(0, num_q, chunk_size):
+            yield start, distance(query_codes[start : start + chunk_size], gallery_codes)
+
+    with torch.no_grad():
+        stats = _accumulate(chunks(), query_labels, gallery_labels, exclude_self, ks)
+    out: dict[str, float] = {f"recall@{k}": v for k, v in stats["recall"].items()}
+    out["map"] = stats["map"]
+    out["map@r"] = stats["map@r"]
+    if nmi and gallery_codes.is_floating_point():
+        out["nmi"] = kmeans_nmi(gallery_codes, gallery_labels)
+    return out
+
+
+def deduplicate_by_index(indices: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+    """Sort by sample index and keep one entry per index (the first one fed).
+
+    A ``DistributedSampler`` pads the last batch with repeated samples; dropping them and
+    sorting makes gathered multi-process states equal to the single-process state.
+
+    Returns ``(unique_sorted_indices, *values_in_the_same_order)``.
+    """
+    indices = indices.reshape(-1)
+    order = torch.argsort(indices, stable=True)
+    sorted_idx = indices[order]
+    first = torch.ones_like(sorted_idx, dtype=torch.bool)
+    first[1:] = sorted_idx[1:] != sorted_idx[:-1]
+    keep = order[first]
+    return (indices[keep], *(v[keep.to(v.device)] for v in values))
+
+
+# Re-export of the class wrapper. Placed last because retrieval_metrics imports the functions
+# above; the package __init__ imports this module first, so the cycle always resolves.
+from retrieval.retrieval_metrics import RetrievalMetrics  # noqa: E402
