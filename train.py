@@ -58,7 +58,8 @@ class RankerCLI(LightningCLI):
         print("=" * 72)
         ckpt = trainer.checkpoint_callback
         if self.subcommand == "fit" and ckpt is not None and ckpt.best_model_path:
-            print(f"best checkpoint: {ckpt.best_model_path}  ({ckpt.monitor} = {float(ckpt.best_model_score):.4f})")
+            score = f"  ({ckpt.monitor} = {float(ckpt.best_model_score):.4f})" if ckpt.best_model_score is not None else ""
+            print(f"best checkpoint: {ckpt.best_model_path}{score}")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
         if metrics:
             print(f"clean retrieval metrics ({stage}):")

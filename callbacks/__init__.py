@@ -1,3 +1,5 @@
 """Lightning callbacks: in-loop adversarial training, robustness evaluation, image logging."""
 
-__all__: list[str] = []
+from callbacks.max_shift_adversarial_training import MaxShiftAdversarialTraining
+
+__all__: list[str] = ["MaxShiftAdversarialTraining"]

@@ -1,0 +1,191 @@
+"""The attack registry: suite names ("CA+", "QA-", "ES", ...) -> attack factories.
+
+A suite (:mod:`attacks.suite`) names attacks; the registry says, for each name, how to build
+the attack for one ``(eps, w-or-m)`` configuration, which per-attack suite keys it accepts,
+which model capabilities it ``needs``, which per-instance metrics it reports and how the
+robustness score reads them. The five ECCV 2020 attacks are registered here; later attack
+families (PQ-AG, SDHA, universal perturbations) register themselves the same way::
+
+    from attacks.attack_registry import ATTACKS
+    ATTACKS.register("PQ-AG:APD", factory=lambda eps, size, seed, **o: ApdAttack(eps=eps, seed=seed, **o),
+                     needs={"codebooks"}, metric="map", metrics=("map", "map_clean"))
+
+A model that lacks a capability in ``needs`` is not an error: the evaluation engine skips the
+entry and the report says "not applicable: needs codebooks".
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from attacks.attack import Attack
+from attacks.candidate_attack import CandidateAttack
+from attacks.max_shift_attack import MaxShiftAttack
+from attacks.query_attack import QueryAttack
+
+__all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS"]
+
+#: PGD keys every attack accepts (see :class:`attacks.attack.Attack`).
+COMMON_OPTIONS: frozenset[str] = frozenset({"alpha", "steps", "random_start"})
+
+#: ``factory(eps=..., size=..., seed=..., **options) -> Attack``; ``size`` is w / m or None.
+AttackFactory = Callable[..., Attack]
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """What the suite runner needs to know about one registered attack name.
+
+    Attributes:
+        name: the suite name ("CA+").
+        factory: ``factory(eps=float, size=int | None, seed=int, **options) -> Attack``.
+        size_key: the suite key of the per-instance target count ("w" for CA, "m" for QA) or
+            ``None`` (ES, universal attacks, ...).
+        options: optional suite keys the attack accepts besides ``attack``, ``epsilons`` and
+            ``size_key`` (always including :data:`COMMON_OPTIONS`).
+        needs: model capabilities (``Ranker.capabilities``) the attack requires.
+        metric: the per-instance metric reported in the tables ("rank", "shift", ...).
+        metrics: every per-instance metric key the attack returns (gathered and averaged).
+        clean_metric: the metric's value on the clean input (the eps = 0 row), if any.
+        direction: how the robustness score reads ``metric``: ``"+"`` (an effective attack
+            lowers it towards 0, CA+ / QA+), ``"-"`` (raises it towards 100, CA- / QA-), or
+            ``None`` (not part of the score, e.g. ES).
+        description: one line for ``--help`` style listings.
+    """
+
+    name: str
+    factory: AttackFactory
+    size_key: Literal["w", "m"] | None = None
+    options: frozenset[str] = field(default_factory=lambda: COMMON_OPTIONS)
+    needs: frozenset[str] = frozenset()
+    metric: str = "rank"
+    metrics: tuple[str, ...] = ("rank", "rank_clean")
+    clean_metric: str | None = "rank_clean"
+    direction: Literal["+", "-"] | None = None
+    description: str = ""
+
+    @property
+    def allowed_keys(self) -> frozenset[str]:
+        """Every key a suite entry for this attack may have."""
+        keys = {"attack", "epsilons", *self.options}
+        if self.size_key is not None:
+            keys.add(self.size_key)
+        return frozenset(keys)
+
+    def build(self, eps: float, size: int | None, seed: int, **options: object) -> Attack:
+        """The attack for one configuration (raises ``ValueError`` on bad option values)."""
+        return self.factory(eps=eps, size=size, seed=seed, **options)
+
+
+class AttackRegistry:
+    """A name -> :class:`AttackEntry` map with clear errors for unknown names."""
+
+    def __init__(self, entries: Iterable[AttackEntry] = ()) -> None:
+        self._entries: dict[str, AttackEntry] = {}
+        for entry in entries:
+            self.add(entry)
+
+    def add(self, entry: AttackEntry) -> AttackEntry:
+        if entry.name in self._entries:
+            raise ValueError(f"attack {entry.name!r} is already registered")
+        if entry.metric not in entry.metrics:
+            raise ValueError(f"attack {entry.name!r}: metric {entry.metric!r} is not among metrics {entry.metrics}")
+        self._entries[entry.name] = entry
+        return entry
+
+    def register(
+        self,
+        name: str,
+        factory: AttackFactory,
+        *,
+        size_key: Literal["w", "m"] | None = None,
+        options: Iterable[str] = (),
+        needs: Iterable[str] = (),
+        metric: str = "rank",
+        metrics: Iterable[str] | None = None,
+        clean_metric: str | None = None,
+        direction: Literal["+", "-"] | None = None,
+        description: str = "",
+    ) -> AttackEntry:
+        """Register ``name``; ``options`` are added to :data:`COMMON_OPTIONS`."""
+        return self.add(AttackEntry(
+            name=name,
+            factory=factory,
+            size_key=size_key,
+            options=COMMON_OPTIONS | frozenset(options),
+            needs=frozenset(needs),
+            metric=metric,
+            metrics=tuple(metrics) if metrics is not None else (metric,),
+            clean_metric=clean_metric,
+            direction=direction,
+            description=description,
+        ))
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def get(self, name: str) -> AttackEntry:
+        """The entry of ``name``; ``KeyError`` with the known names (and a suggestion) otherwise."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: object) -> str:
+        close = difflib.get_close_matches(str(name), list(self._entries), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown attack {name!r}{hint}; known attacks: {', '.join(self.names())}"
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[AttackEntry]:
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ----------------------------------------------------------------------- the ECCV 2020 attacks
+def _candidate_attack(direction: Literal["+", "-"]) -> AttackFactory:
+    def factory(eps: float, size: int | None, seed: int, **options: object) -> Attack:
+        return CandidateAttack(direction, 1 if size is None else size, eps=eps, seed=seed, **options)
+
+    return factory
+
+
+def _query_attack(direction: Literal["+", "-"]) -> AttackFactory:
+    def factory(eps: float, size: int | None, seed: int, **options: object) -> Attack:
+        return QueryAttack(direction, 1 if size is None else size, eps=eps, seed=seed, **options)
+
+    return factory
+
+
+def _max_shift_attack(eps: float, size: int | None, seed: int, **options: object) -> Attack:
+    return MaxShiftAttack(eps, seed=seed, **options)
+
+
+_QA_METRICS = ("rank", "rank_clean", "sp_rank", "sp_rank_clean")
+
+#: The default registry used by suites, the engine, ``eval.py`` and the callback.
+ATTACKS = AttackRegistry()
+ATTACKS.register("CA+", _candidate_attack("+"), size_key="w", options={"percent"}, metrics=("rank", "rank_clean"),
+                 clean_metric="rank_clean", direction="+",
+                 description="candidate attack, raise c's rank w.r.t. w random queries (ECCV 2020 Eq. 4)")
+ATTACKS.register("CA-", _candidate_attack("-"), size_key="w", options={"percent"}, metrics=("rank", "rank_clean"),
+                 clean_metric="rank_clean", direction="-",
+                 description="candidate attack, lower c's rank w.r.t. w top-1% queries (ECCV 2020 Eq. 7)")
+ATTACKS.register("QA+", _query_attack("+"), size_key="m", options={"xi", "G", "percent"}, metrics=_QA_METRICS,
+                 clean_metric="rank_clean", direction="+",
+                 description="query attack with SP term, raise m random candidates (ECCV 2020 Eq. 11-12)")
+ATTACKS.register("QA-", _query_attack("-"), size_key="m", options={"xi", "G", "percent"}, metrics=_QA_METRICS,
+                 clean_metric="rank_clean", direction="-",
+                 description="query attack with SP term, lower m top-1% candidates (ECCV 2020 Eq. 9, 12)")
+ATTACKS.register("ES", _max_shift_attack, metric="shift", metrics=("shift",),
+                 description="maximum embedding shift d(f(x~), f(x)) (ECCV 2020 Sec. 3.3)")
