@@ -11,19 +11,51 @@ Usage::
     gallery = Gallery(embeddings=model.embed(X).detach(), labels=y)   # once per checkpoint
     result = CandidateAttack("+", w=1, eps=0.03)(model, gallery, X[idx], idx)
     result.metrics["rank"]        # [B] normalized ranks in percent
+
+Robustness evaluation (suites, engine, score, reports; see docs/evaluation.md)::
+
+    results = RobustnessEvaluator(Suite.from_yaml("configs/suites/quick.yaml")).run(model, dm.eval_set)
+    Report.from_results(results).to_markdown()
 """
 
 from attacks.attack import Attack, AttackResult, NotApplicableError, frozen_eval
+from attacks.attack_registry import ATTACKS, AttackEntry, AttackRegistry
 from attacks.candidate_attack import CandidateAttack
 from attacks.gallery import Gallery
 from attacks.max_shift_attack import MaxShiftAttack, embedding_shift, max_shift_perturb
 from attacks.pgd import eccv_step_rules, pgd_linf, project_linf
 from attacks.query_attack import QueryAttack
 from attacks.ranks import normalized_rank
+from attacks.report import Report
+from attacks.robustness_evaluator import (
+    Collectives,
+    ConfigResult,
+    RobustnessEvaluator,
+    RobustnessResults,
+    SkippedAttack,
+    StrategyCollectives,
+)
+from attacks.robustness_score import RobustnessScore
 from attacks.selection import keyed_uniform, keys, nearest_excluding, random_targets, top_percent_targets
+from attacks.suite import AttackConfig, AttackSpec, Suite, SuiteError
 
 __all__ = [
+    "ATTACKS",
     "Attack",
+    "AttackConfig",
+    "AttackEntry",
+    "AttackRegistry",
+    "AttackSpec",
+    "Collectives",
+    "ConfigResult",
+    "Report",
+    "RobustnessEvaluator",
+    "RobustnessResults",
+    "RobustnessScore",
+    "SkippedAttack",
+    "StrategyCollectives",
+    "Suite",
+    "SuiteError",
     "AttackResult",
     "CandidateAttack",
     "Gallery",

@@ -26,7 +26,7 @@ from attacks.candidate_attack import CandidateAttack
 from attacks.max_shift_attack import MaxShiftAttack
 from attacks.query_attack import QueryAttack
 
-__all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS"]
+__all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS", "did_you_mean"]
 
 #: PGD keys every attack accepts (see :class:`attacks.attack.Attack`).
 COMMON_OPTIONS: frozenset[str] = frozenset({"alpha", "steps", "random_start"})
@@ -78,6 +78,13 @@ class AttackEntry:
     def build(self, eps: float, size: int | None, seed: int, **options: object) -> Attack:
         """The attack for one configuration (raises ``ValueError`` on bad option values)."""
         return self.factory(eps=eps, size=size, seed=seed, **options)
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` (case-insensitive), else ``""``."""
+    lowered = {c.lower(): c for c in choices}  # case slips ("W", "ca+") first
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
 
 
 class AttackRegistry:
@@ -135,9 +142,7 @@ class AttackRegistry:
             raise KeyError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: object) -> str:
-        close = difflib.get_close_matches(str(name), list(self._entries), n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown attack {name!r}{hint}; known attacks: {', '.join(self.names())}"
+        return f"unknown attack {name!r}{did_you_mean(str(name), self.names())}; known attacks: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         return list(self._entries)

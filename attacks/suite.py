@@ -26,7 +26,6 @@ suite that parses will run. Checks that need the gallery (``w`` / ``m`` larger t
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -35,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from attacks.attack_registry import ATTACKS, AttackEntry, AttackRegistry
+from attacks.attack_registry import ATTACKS, AttackEntry, AttackRegistry, did_you_mean
 
 __all__ = ["AttackConfig", "AttackSpec", "Suite", "SuiteError"]
 
@@ -45,11 +44,6 @@ _DEFAULTS = {"description": "", "num_samples": 1000, "seed": 0, "batch_size": 25
 
 class SuiteError(ValueError):
     """A suite that does not parse or does not fit the gallery (one-line message)."""
-
-
-def _did_you_mean(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _is_int(value: Any) -> bool:
@@ -151,7 +145,7 @@ class Suite:
             raise fail(f"a suite must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
         for key in data:
             if key not in TOP_LEVEL_KEYS:
-                raise fail(f"unknown key {key!r}{_did_you_mean(str(key), list(TOP_LEVEL_KEYS))}; "
+                raise fail(f"unknown key {key!r}{did_you_mean(str(key), list(TOP_LEVEL_KEYS))}; "
                            f"allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
         values = {**_DEFAULTS, **data}
         name = values.get("name", Path(source).stem if source else "suite")
@@ -261,7 +255,7 @@ def _parse_spec(raw: Any, index: int, where: str, registry: AttackRegistry) -> A
     allowed = sorted(entry.allowed_keys)
     for key in raw:
         if key not in entry.allowed_keys:
-            raise SuiteError(f"{prefix}: unknown key {key!r}{_did_you_mean(str(key), allowed)}; "
+            raise SuiteError(f"{prefix}: unknown key {key!r}{did_you_mean(str(key), allowed)}; "
                              f"allowed keys: {', '.join(allowed)}")
 
     epsilons = raw.get("epsilons")

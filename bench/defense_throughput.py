@@ -3,14 +3,15 @@
 Trains the same model (same initialization, same batches) with a plain Lightning Trainer, once
 without and once per ``--steps`` value with :class:`callbacks.MaxShiftAdversarialTraining`, and
 times every training batch from the first ``on_train_batch_start`` hook (before crafting) to
-``on_train_batch_end`` (after the optimizer step). Crafting costs ``steps`` forward+backward passes
-(input gradient only) plus two no-grad forwards for the logged shift, so the ideal throughput
-ratio is about ``1 / (steps + 1)``.
+``on_train_batch_end`` (after the optimizer step). Throughput is ``batch_size`` over the median
+batch time; the settings run interleaved ``--repeats`` times and the fastest median is kept.
+Crafting costs ``steps`` forward+backward passes (input gradient only) plus two no-grad forwards
+for the logged shift, so the ideal throughput ratio is about ``1 / (steps + 1)``.
 
-CPU run used in docs/defense.md (about 3 minutes on 2 cores)::
+CPU run used in docs/defense.md (about 3 minutes on 2 idle cores)::
 
     .venv/bin/python bench/defense_throughput.py --data fashion-mnist --backbone c2f1 \
-        --batch-size 128 --batches 24 --warmup-batches 3 --steps 10 30 --threads 2
+        --batch-size 128 --batches 12 --warmup-batches 2 --repeats 3 --steps 10 30 --threads 2
 
 ``--data synthetic`` uses 28x28 synthetic images when Fashion-MNIST is not installed;
 ``--device cuda`` times on a GPU (with synchronization around each batch).
@@ -73,7 +74,7 @@ def make_model(backbone: str, embedding_dim: int) -> MetricRanker:
     return MetricRanker(backbone=net, loss=TripletMarginLoss(margin=0.2, distance=CosineSimilarity()))
 
 
-def time_training(args: argparse.Namespace, steps: int | None) -> list[float]:
+def time_training(args: argparse.Namespace, data: RetrievalDataModule, steps: int | None) -> list[float]:
     """Per-batch wall times of the measured batches (after the warm-up batches)."""
     device = torch.device(args.device)
     timer = BatchTimer(device)
@@ -94,7 +95,6 @@ def time_training(args: argparse.Namespace, steps: int | None) -> list[float]:
         use_distributed_sampler=False,
         callbacks=callbacks,
     )
-    data = make_data(args.data, args.batch_size, args.samples_per_class, args.warmup_batches + args.batches)
     trainer.fit(make_model(args.backbone, args.embedding_dim), datamodule=data)
     return timer.times[args.warmup_batches:]
 
@@ -106,38 +106,52 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embedding-dim", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--samples-per-class", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=24, help="measured batches per run")
-    parser.add_argument("--warmup-batches", type=int, default=3, help="untimed batches first")
+    parser.add_argument("--batches", type=int, default=12, help="measured batches per run")
+    parser.add_argument("--warmup-batches", type=int, default=2, help="untimed batches first")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 30], help="PGD steps of the defense")
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--alpha", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="round-robin repetitions; the fastest median per setting is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.batches < 1 or args.warmup_batches < 0:
-        parser.error("--batches must be >= 1 and --warmup-batches >= 0")
+    if args.batches < 1 or args.warmup_batches < 0 or args.repeats < 1:
+        parser.error("--batches and --repeats must be >= 1, --warmup-batches >= 0")
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # keep the table readable
     warnings.filterwarnings("ignore")
 
-    vanilla = statistics.median(time_training(args, None))
+    # Same data module (hence the same batches) for every run. Settings are interleaved and
+    # repeated, and the fastest median kept, because other jobs on a shared machine slow down
+    # whole stretches of a run.
+    data = make_data(args.data, args.batch_size, args.samples_per_class, args.warmup_batches + args.batches)
+    settings: list[int | None] = [None, *args.steps]
+    best: dict[int | None, float] = {}
+    for _ in range(args.repeats):
+        for steps in settings:
+            median = statistics.median(time_training(args, data, steps))
+            best[steps] = min(best.get(steps, float("inf")), median)
+
+    vanilla = best[None]
     rows = [f"| vanilla | {vanilla:.4f} | {args.batch_size / vanilla:.1f} | 1 | 1 | 1 |"]
     for steps in args.steps:
-        defended = statistics.median(time_training(args, steps))
+        defended = best[steps]
         ratio, ideal = vanilla / defended, 1.0 / (steps + 1)
         rows.append(f"| defense, {steps} steps | {defended:.4f} | {args.batch_size / defended:.1f} | "
                     f"{ratio:.4f} | {ideal:.4f} | {ratio / ideal:.2f} |")
 
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         f"cpu, {torch.get_num_threads()} threads")
-    print(f"\n{args.backbone} (dim {args.embedding_dim}), {args.data}, batch {args.batch_size}, median of "
-          f"{args.batches} timed batches after {args.warmup_batches} untimed, eps {args.eps}, alpha {args.alpha}, "
-          f"{device_name}, torch {torch.__version__}\n")
+    print(f"\n{args.backbone} (dim {args.embedding_dim}), {args.data}, batch {args.batch_size}, best of "
+          f"{args.repeats} medians of {args.batches} timed batches after {args.warmup_batches} untimed, "
+          f"eps {args.eps}, alpha {args.alpha}, {device_name}, torch {torch.__version__}\n")
     print("| training | median s/batch | images/s | ratio to vanilla | ideal 1/(steps+1) | ratio / ideal |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny ranker trained for a moment on synthetic data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import TripletMarginLoss
+
+from data import SyntheticDataModule
+from lightning_modules import LeNet, MetricRanker
+
+
+@dataclass
+class TinyRanker:
+    """A LeNet(16-d) cosine-triplet ranker and its synthetic data (|X| = 100, 4 classes)."""
+
+    model: MetricRanker
+    datamodule: SyntheticDataModule
+
+
+def train_tiny_ranker(epochs: int = 2, seed: int = 0) -> TinyRanker:
+    """Train ``LeNet(embedding_dim=16)`` for a few steps (well under a second, one thread)."""
+    datamodule = SyntheticDataModule(test_per_class=25, eval_batch_size=64, seed=seed)
+    datamodule.setup()
+    torch.manual_seed(seed)
+    model = MetricRanker(LeNet(embedding_dim=16), TripletMarginLoss(margin=0.2, distance=CosineSimilarity()))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for images, labels, _ in datamodule.train_dataloader():
+            loss = model.compute_loss(model.embed(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return TinyRanker(model, datamodule)
+
+
+@pytest.fixture(scope="session")
+def tiny_ranker() -> TinyRanker:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on a shared 2-core runner: threads only contend
+    try:
+        return train_tiny_ranker()
+    finally:
+        torch.set_num_threads(previous)

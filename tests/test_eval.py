@@ -1,0 +1,231 @@
+"""eval.py end to end on a tiny CLI-trained checkpoint: reports, one-line argument errors,
+interrupted runs, and DDP (gloo, 2 processes) giving exactly the single-process numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as eval_script
+import train
+from attacks.robustness_evaluator import RobustnessEvaluator
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = """
+seed_everything: 0
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: pytorch_lightning.loggers.TensorBoardLogger
+    init_args: {save_dir: runs, name: tiny}
+model:
+  class_path: lightning_modules.MetricRanker
+  init_args:
+    backbone:
+      class_path: lightning_modules.LeNet
+      init_args: {embedding_dim: 16}
+    loss:
+      class_path: pytorch_metric_learning.losses.TripletMarginLoss
+      init_args:
+        margin: 0.2
+        distance: {class_path: pytorch_metric_learning.distances.CosineSimilarity}
+data:
+  class_path: data.SyntheticDataModule
+  init_args: {test_per_class: 25, eval_batch_size: 64}
+"""
+
+# T = 21 is odd: under 2 processes one rank attacks 11 samples, the other 10 (+ padding).
+SUITE = """
+name: eval-test
+num_samples: 21
+seed: 0
+batch_size: 8
+attacks:
+  - {attack: CA+, epsilons: [0.1], w: [1, 2], steps: 3}
+  - {attack: CA-, epsilons: [0.1], w: [1], steps: 2}
+  - {attack: QA-, epsilons: [0.1], m: [1], steps: 3}
+  - {attack: ES, epsilons: [0.1], steps: 3}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """``train.py fit`` of a tiny ranker: ``<run>/checkpoints/*.ckpt`` and ``<run>/config.yaml``."""
+    root = tmp_path_factory.mktemp("eval")
+    (root / "tiny.yaml").write_text(TINY_CONFIG)
+    (root / "suite.yaml").write_text(SUITE)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        train.main(["fit", "--config", str(root / "tiny.yaml")])
+    finally:
+        os.chdir(cwd)
+    run = root / "runs" / "tiny" / "version_0"
+    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    assert (run / "config.yaml").is_file()
+    return {"root": root, "run": run, "ckpt": ckpt, "suite": root / "suite.yaml"}
+
+
+def run_eval(args: list[str]) -> list:
+    return eval_script.main([*args, "--accelerator", "cpu", "--no-progress"])
+
+
+def strip_timing(report: dict) -> dict:
+    """The numbers of a report, without wall times (which differ from run to run)."""
+    results = [{k: v for k, v in r.items() if k != "wall_s"} for r in report["results"]]
+    return {"results": results, "clean": report["clean"], "score": report["robustness_score"],
+            "T": report["num_samples"], "indices": report["attacked_indices"]}
+
+
+def test_eval_writes_json_and_markdown(tiny_run, capsys):
+    (report,) = run_eval(["--ckpt", str(tiny_run["ckpt"]), "--suite", str(tiny_run["suite"])])
+    out_dir = tiny_run["run"] / "robustness"
+    stem = tiny_run["ckpt"].stem
+    data = json.loads((out_dir / f"{stem}.json").read_text())
+    assert data == json.loads(report.to_json())
+    assert data["checkpoint"] == str(tiny_run["ckpt"]) and data["suite"]["name"] == "eval-test"
+    assert data["num_samples"] == 21 and data["gallery_size"] == 100 and data["world_size"] == 1
+    assert [(r["attack"], r.get("w", r.get("m"))) for r in data["results"]] == [
+        ("CA+", 1), ("CA+", 2), ("CA-", 1), ("QA-", 1), ("ES", None)]
+    assert data["versions"]["torch"] == torch.__version__
+    markdown = (out_dir / f"{stem}.md").read_text()
+    assert "| ε | CA+ w=1 | 2 | CA- w=1 | QA- m=1 |" in markdown
+    assert markdown in capsys.readouterr().out
+    assert not (out_dir / f"{stem}.partial.json").exists()
+
+
+def test_data_config_and_output_dir(tiny_run, tmp_path):
+    lone = tmp_path / "lone.ckpt"  # no run config next to it
+    shutil.copy(tiny_run["ckpt"], lone)
+    run_eval(["--ckpt", str(lone), "--suite", str(tiny_run["suite"]), "--data-config",
+              str(tiny_run["run"] / "config.yaml"), "--output-dir", str(tmp_path / "out"), "--num-samples", "5",
+              "--batch-size", "5"])
+    data = json.loads((tmp_path / "out" / "lone.json").read_text())
+    assert data["num_samples"] == 5 and data["suite"]["batch_size"] == 5
+
+
+def _not_a_ranker(tmp_path: Path) -> Path:
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}, "hyper_parameters": {}}, path)
+    return path
+
+
+def _text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.ckpt"
+    path.write_text("not a checkpoint")
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_ckpt", "checkpoint {tmp}/missing.ckpt does not exist"),
+        ("unknown_attack", "unknown attack 'ca+' (did you mean 'CA+'?); known attacks: CA+, CA-, QA+, QA-, ES"),
+        ("typo", "unknown key 'step' (did you mean 'steps'?)"),
+        ("eps", "epsilon 3 is outside [0, 1]"),
+        ("w_too_large", "w=200 needs a gallery of more than 200 items, but the gallery has 100"),
+        ("not_a_ranker", "cannot load a Ranker from {tmp}/other.ckpt"),
+        ("text_file", "{tmp}/notes.ckpt is not a checkpoint"),
+        ("no_data_config", "pass --data-config"),
+        ("bad_num_samples", "num_samples must be an integer >= 1 or -1"),
+        ("bad_flag", "unrecognized arguments: --epsilon"),
+    ],
+)
+def test_argument_errors_are_one_line_and_exit_2(tiny_run, tmp_path, capsys, monkeypatch, case, expected):
+    calls = []
+    monkeypatch.setattr(RobustnessEvaluator, "run", lambda *a, **k: calls.append(1))
+    suite = tiny_run["suite"]
+    ckpt = str(tiny_run["ckpt"])
+    extra: list[str] = []
+    if case in ("unknown_attack", "typo", "eps", "w_too_large"):
+        attack = {"unknown_attack": "{attack: ca+, epsilons: [0.1]}", "typo": "{attack: CA+, epsilons: [0.1], step: 3}",
+                  "eps": "{attack: CA+, epsilons: [3]}", "w_too_large": "{attack: CA+, epsilons: [0.1], w: [200]}"}[case]
+        suite = tmp_path / "bad.yaml"
+        suite.write_text(f"attacks: [{attack}]")
+    elif case == "missing_ckpt":
+        ckpt = str(tmp_path / "missing.ckpt")
+    elif case == "not_a_ranker":
+        ckpt = str(_not_a_ranker(tmp_path))
+    elif case == "text_file":
+        ckpt = str(_text_file(tmp_path))
+    elif case == "no_data_config":
+        ckpt = str(shutil.copy(tiny_run["ckpt"], tmp_path / "lone.ckpt"))
+    elif case == "bad_num_samples":
+        extra = ["--num-samples", "0"]
+    elif case == "bad_flag":
+        extra = ["--epsilon", "0.1"]
+    with pytest.raises(SystemExit) as info:
+        run_eval(["--ckpt", ckpt, "--suite", str(suite), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if not line.startswith("/")]  # library warnings carry a file path
+    assert len(lines) == 1 and lines[0].startswith("eval.py: error: "), err
+    assert expected.format(tmp=tmp_path) in lines[0]
+    assert not calls, "errors must come before any attack runs"
+
+
+def test_interrupted_run_keeps_the_finished_report(tiny_run, tmp_path, monkeypatch):
+    args = ["--ckpt", str(tiny_run["ckpt"]), "--suite", str(tiny_run["suite"]), "--output-dir", str(tmp_path)]
+    run_eval(args)
+    stem = tiny_run["ckpt"].stem
+    finished = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(finished) == {f"{stem}.json", f"{stem}.md"}
+
+    original = RobustnessEvaluator._reduce
+    count = {"n": 0}
+
+    def crash_on_second(self, *a, **k):
+        count["n"] += 1
+        if count["n"] == 2:
+            raise RuntimeError("simulated crash mid-run")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(RobustnessEvaluator, "_reduce", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_eval(args)
+    for name, content in finished.items():
+        assert (tmp_path / name).read_bytes() == content, f"{name} was overwritten by a partial run"
+    partial = json.loads((tmp_path / f"{stem}.partial.json").read_text())
+    assert partial["partial"] is True and len(partial["results"]) == 1  # progress of the broken run
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_give_the_single_process_numbers(tiny_run, tmp_path):
+    """World size 2 (gloo, CPU) and world size 1 write the same numbers, exactly: targets are
+    keyed per sample, every forward has the same batch shape and the reduction is in sample
+    order (see attacks/robustness_evaluator.py), so no tolerance is needed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    reports = {}
+    for devices in (2, 1):
+        out = tmp_path / f"devices{devices}"
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "eval.py"), "--ckpt", str(tiny_run["ckpt"]), "--suite", str(tiny_run["suite"]),
+             "--accelerator", "cpu", "--devices", str(devices), "--output-dir", str(out), "--no-progress"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[devices] = json.loads((out / f"{tiny_run['ckpt'].stem}.json").read_text())
+    assert reports[2]["world_size"] == 2 and reports[1]["world_size"] == 1
+    assert strip_timing(reports[2]) == strip_timing(reports[1])
