@@ -6,7 +6,7 @@
                    --suite configs/suites/eccv2020_28x28.yaml
     python eval.py --ckpt A.ckpt B.ckpt --suite configs/suites/quick.yaml --devices 2 --accelerator cpu
 
-Each checkpoint is loaded with ``Ranker.load_from_checkpoint`` (or, when its hyper-parameters
+Each checkpoint is loaded with ``lightning_modules.load_ranker`` (or, when its hyper-parameters
 cannot rebuild the model, from the ``model`` section of the run's ``config.yaml`` plus the
 checkpoint's state dict). The data module comes from the run's ``config.yaml`` (LightningCLI
 saves it at ``<run>/config.yaml``, next to ``<run>/checkpoints/``) or from ``--data-config`` (a
@@ -53,14 +53,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Robustness benchmark of ranker checkpoints (attack suites, DDP-ready).")
+    parser = _Parser(prog=PROG, description="Robustness benchmark of ranker checkpoints (attack suites).")
     parser.add_argument("--ckpt", nargs="+", required=True, metavar="CKPT", help="checkpoint file(s)")
-    parser.add_argument("--suite", required=True, help="attack suite YAML, e.g. configs/suites/eccv2020_28x28.yaml")
+    parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/suites/eccv2020_28x28.yaml")
     parser.add_argument("--num-samples", type=int, default=None, metavar="T",
                         help="attacked samples T (overrides the suite; -1 = whole gallery)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="B", help="attack batch size (overrides the suite)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="attack batch size (overrides the suite)")
     parser.add_argument("--devices", type=int, default=1, metavar="N", help="processes / GPUs (N > 1: DDP)")
-    parser.add_argument("--accelerator", default="auto", choices=("cpu", "gpu", "cuda", "auto"))
+    parser.add_argument("--accelerator", default="auto", choices=("cpu", "gpu", "auto"),
+                        help="auto: the GPU when there is one, else the CPU (DDP over gloo)")
     parser.add_argument("--data-config", default=None, metavar="YAML",
                         help="data module config (default: <run>/config.yaml of each checkpoint)")
     parser.add_argument("--output-dir", default=None, metavar="DIR",
@@ -101,7 +103,10 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _run_config(ckpt: Path, data_config: Path | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
+Section = dict[str, Any]
+
+
+def _run_config(ckpt: Path, data_config: Path | None) -> tuple[Section | None, Section | None, str]:
     """``(model section or None, data section or None, where the sections came from)``."""
     run_config_path = run_dir(ckpt) / "config.yaml"
     run_config = _read_yaml(run_config_path, "run config") if run_config_path.is_file() else None
@@ -112,7 +117,8 @@ def _run_config(ckpt: Path, data_config: Path | None) -> tuple[dict[str, Any] | 
             model_section = cfg.get("model") or model_section
             cfg = cfg["data"]
         if not isinstance(cfg, dict) or "class_path" not in cfg:
-            raise EvalError(f"data config {data_config} needs a 'data' section or a class_path + init_args mapping")
+            raise EvalError(
+                f"data config {data_config} needs a 'data' section or a class_path + init_args mapping")
         return model_section, cfg, str(data_config)
     data_section = run_config.get("data") if run_config else None
     return model_section, data_section if isinstance(data_section, dict) else None, str(run_config_path)
@@ -133,18 +139,18 @@ def _instantiate(section: dict[str, Any], base: type, key: str, where: str) -> A
 def load_ranker(ckpt: Path, model_section: dict[str, Any] | None, where: str) -> Any:
     """The :class:`lightning_modules.Ranker` stored in ``ckpt`` (on the CPU).
 
-    ``Ranker.load_from_checkpoint`` first; if the checkpoint's hyper-parameters cannot rebuild
-    the model (a ranker that keeps modules such as its backbone out of ``save_hyperparameters``),
-    the run config's ``model`` section is instantiated and the checkpoint's state dict loaded
-    into it (strictly).
+    :func:`lightning_modules.load_ranker` first (the model config recorded in the checkpoint
+    by ``train.py``); if the checkpoint's hyper-parameters cannot rebuild the model (e.g. a
+    checkpoint written before they recorded the backbone), the run config's ``model`` section
+    is instantiated and the checkpoint's state dict loaded into it (strictly).
     """
     import torch
 
-    import lightning_modules  # noqa: F401  (registers the ranker classes for load_from_checkpoint)
     from lightning_modules import Ranker
+    from lightning_modules import load_ranker as load_recorded_ranker
 
     try:
-        model = Ranker.load_from_checkpoint(str(ckpt), map_location="cpu")
+        model = load_recorded_ranker(str(ckpt), map_location="cpu")
     except Exception as first:  # noqa: BLE001 - any failure falls back to the run config
         try:
             checkpoint = torch.load(str(ckpt), map_location="cpu", weights_only=False)
@@ -153,8 +159,9 @@ def load_ranker(ckpt: Path, model_section: dict[str, Any] | None, where: str) ->
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise EvalError(f"{ckpt} is not a Lightning checkpoint of a Ranker (no state_dict)")
         if model_section is None:
-            raise EvalError(f"cannot load a Ranker from {ckpt} ({_one_line(first)[:200]}); "
-                            "no run config.yaml with a 'model' section next to it")
+            raise EvalError(f"cannot load a Ranker from {ckpt} ({_one_line(first)[:120]}...) and there is no "
+                            "run config.yaml with a 'model' section next to it; "
+                            "pass --data-config <run>/config.yaml")
         model = _instantiate(model_section, Ranker, "model", where)
         try:
             model.load_state_dict(checkpoint["state_dict"], strict=True)
@@ -177,11 +184,18 @@ def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
             raise EvalError(f"checkpoint {ckpt} does not exist")
     if args.devices < 1:
         raise EvalError(f"--devices must be >= 1, got {args.devices}")
+    if args.accelerator == "gpu":
+        import torch
+
+        available = torch.cuda.device_count()
+        if available < args.devices:
+            raise EvalError(f"--accelerator gpu --devices {args.devices}: {available} GPU(s) visible")
     data_config = Path(args.data_config) if args.data_config else None
     if data_config is not None and not data_config.is_file():
         raise EvalError(f"--data-config {data_config} does not exist")
     try:
-        suite = Suite.from_yaml(args.suite).with_overrides(num_samples=args.num_samples, batch_size=args.batch_size)
+        suite = Suite.from_yaml(args.suite)
+        suite = suite.with_overrides(num_samples=args.num_samples, batch_size=args.batch_size)
     except SuiteError as err:
         raise EvalError(str(err)) from None
     jobs: list[_Job] = []
@@ -202,10 +216,12 @@ def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
             raise EvalError(str(err)) from None
         out_dir = Path(args.output_dir) if args.output_dir else run_dir(ckpt) / "robustness"
         title = f"{run_dir(ckpt).name}/{ckpt.stem}"
-        jobs.append(_Job(ckpt, model, datamodule, out_dir / f"{ckpt.stem}.json", out_dir / f"{ckpt.stem}.md", title))
+        json_path, md_path = out_dir / f"{ckpt.stem}.json", out_dir / f"{ckpt.stem}.md"
+        jobs.append(_Job(ckpt, model, datamodule, json_path, md_path, title))
     stems = [job.json_path for job in jobs]
     if len(set(stems)) != len(stems):
-        raise EvalError("two checkpoints would write the same report file; pass --output-dir per run or rename them")
+        raise EvalError("two checkpoints would write the same report file; evaluate them separately with "
+                        "--output-dir, or rename them")
     return suite, jobs
 
 
@@ -227,7 +243,7 @@ def evaluate(job: _Job, args: argparse.Namespace) -> Any:
         partial_report=str(partial),
     )
     trainer = pl.Trainer(
-        accelerator="gpu" if args.accelerator == "cuda" else args.accelerator,
+        accelerator=args.accelerator,
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         num_nodes=1,

@@ -75,3 +75,17 @@ __all__ = [
     "random_targets",
     "top_percent_targets",
 ]
+
+# PQ-AG attacks on product quantization (docs/dpqn.md)
+from attacks.pq_ag_attack import PQAGAttack, query_average_precision  # noqa: E402
+
+__all__ += ["PQAGAttack", "query_average_precision"]
+
+# Deep-hashing attacks, SDHA (ICMR 2021) and its baselines (docs/dch.md)
+from attacks.attack_trace import AttackTrace  # noqa: E402
+from attacks.dhta_attack import DHTAAttack  # noqa: E402
+from attacks.hag_attack import HAGAttack  # noqa: E402
+from attacks.hashing_attack import HashingAttack, HashingAttackResult  # noqa: E402
+from attacks.sdha_attack import SDHAAttack  # noqa: E402
+
+__all__ += ["AttackTrace", "DHTAAttack", "HAGAttack", "HashingAttack", "HashingAttackResult", "SDHAAttack"]

@@ -99,7 +99,8 @@ class AttackRegistry:
         if entry.name in self._entries:
             raise ValueError(f"attack {entry.name!r} is already registered")
         if entry.metric not in entry.metrics:
-            raise ValueError(f"attack {entry.name!r}: metric {entry.metric!r} is not among metrics {entry.metrics}")
+            raise ValueError(
+                f"attack {entry.name!r}: metric {entry.metric!r} is not among metrics {entry.metrics}")
         self._entries[entry.name] = entry
         return entry
 
@@ -142,7 +143,8 @@ class AttackRegistry:
             raise KeyError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: object) -> str:
-        return f"unknown attack {name!r}{did_you_mean(str(name), self.names())}; known attacks: {', '.join(self.names())}"
+        hint = did_you_mean(str(name), self.names())
+        return f"unknown attack {name!r}{hint}; known attacks: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -180,11 +182,11 @@ _QA_METRICS = ("rank", "rank_clean", "sp_rank", "sp_rank_clean")
 
 #: The default registry used by suites, the engine, ``eval.py`` and the callback.
 ATTACKS = AttackRegistry()
-ATTACKS.register("CA+", _candidate_attack("+"), size_key="w", options={"percent"}, metrics=("rank", "rank_clean"),
-                 clean_metric="rank_clean", direction="+",
+ATTACKS.register("CA+", _candidate_attack("+"), size_key="w", options={"percent"},
+                 metrics=("rank", "rank_clean"), clean_metric="rank_clean", direction="+",
                  description="candidate attack, raise c's rank w.r.t. w random queries (ECCV 2020 Eq. 4)")
-ATTACKS.register("CA-", _candidate_attack("-"), size_key="w", options={"percent"}, metrics=("rank", "rank_clean"),
-                 clean_metric="rank_clean", direction="-",
+ATTACKS.register("CA-", _candidate_attack("-"), size_key="w", options={"percent"},
+                 metrics=("rank", "rank_clean"), clean_metric="rank_clean", direction="-",
                  description="candidate attack, lower c's rank w.r.t. w top-1% queries (ECCV 2020 Eq. 7)")
 ATTACKS.register("QA+", _query_attack("+"), size_key="m", options={"xi", "G", "percent"}, metrics=_QA_METRICS,
                  clean_metric="rank_clean", direction="+",

@@ -194,14 +194,14 @@ class Report:
         lines += [""]
         rank_table = _rank_table([(None, d)])
         if rank_table:
-            lines += ["Normalized rank R (%, omitted) of the attacked candidates (CA) / target candidates (QA), "
-                      "mean over the T attacks; the eps = 0 row holds the clean ranks "
+            lines += ["Normalized rank R (%, omitted) of the attacked candidates (CA) / target candidates "
+                      "(QA), mean over the T attacks; the eps = 0 row holds the clean ranks "
                       "(Zhou et al., ECCV 2020, Table 1 layout).", ""]
             lines += rank_table + [""]
         sp = _sp_table([(None, d)])
         if sp:
-            lines += ["Semantics preservation: mean rank (%) of the top-G candidates C_SP of the attacked query, "
-                      "largest over m.", ""] + sp + [""]
+            lines += ["Semantics preservation: mean rank (%) of the top-G candidates C_SP of the attacked "
+                      "query, largest over m.", ""] + sp + [""]
         for metric, table in _other_tables([(None, d)]).items():
             lines += [f"{_METRIC_TITLES.get(metric, metric)}", ""] + table + [""]
         if d.get("skipped"):
@@ -226,8 +226,8 @@ class Report:
         lines = [" · ".join(parts), ""]
         where = f" ({d['suite_file']})" if d.get("suite_file") else ""
         lines.append(
-            f"Suite `{suite['name']}`{where}: T = {d['num_samples']} attacked samples of |X| = {d['gallery_size']}, "
-            f"seed {d['seed']}, world size {d['world_size']}, {d['wall_s']:.1f} s."
+            f"Suite `{suite['name']}`{where}: T = {d['num_samples']} attacked samples of "
+            f"|X| = {d['gallery_size']}, seed {d['seed']}, world size {d['world_size']}, {d['wall_s']:.1f} s."
         )
         if d.get("checkpoint"):
             lines.append(f"Checkpoint: `{d['checkpoint']}`.")
@@ -245,7 +245,8 @@ class Report:
             seen.add(label)
             labelled.append((label, report.data))
         lines = [f"# {title}", ""]
-        lines += ["| checkpoint | robustness score | clean R@1 | mAP | suite | T |", "| --- | ---: | ---: | ---: | --- | ---: |"]
+        lines += ["| checkpoint | robustness score | clean R@1 | mAP | suite | T |",
+                  "| --- | ---: | ---: | ---: | --- | ---: |"]
         for label, d in labelled:
             clean = d.get("clean") or {}
             r1 = _fmt(100 * clean["recall@1"]) if "recall@1" in clean else "–"
@@ -255,7 +256,8 @@ class Report:
         lines.append("")
         rank_table = _rank_table(labelled)
         if rank_table:
-            lines += ["Normalized rank R (%, omitted); eps = 0 rows hold the clean ranks.", ""] + rank_table + [""]
+            lines += ["Normalized rank R (%, omitted); eps = 0 rows hold the clean ranks.", ""]
+            lines += rank_table + [""]
         sp = _sp_table(labelled)
         if sp:
             lines += ["Semantics preservation: rank (%) of C_SP, largest over m.", ""] + sp + [""]
@@ -274,7 +276,11 @@ def _block_label(d: dict[str, Any], i: int) -> str:
     return d.get("title") or f"checkpoint {i + 1}"
 
 
-def _columns(blocks: list[tuple[str | None, dict[str, Any]]], metric: str) -> list[tuple[str, str | None, int | None]]:
+Blocks = list[tuple[str | None, dict[str, Any]]]  # (block label or None, report data)
+Column = tuple[str, str | None, int | None]  # (attack, size key, size)
+
+
+def _columns(blocks: Blocks, metric: str) -> list[Column]:
     """(attack, size_key, size) columns of a metric, attacks in first-seen order, sizes ascending."""
     order: dict[str, set] = {}
     keys: dict[str, str | None] = {}
@@ -301,7 +307,7 @@ def _lookup(d: dict[str, Any], attack: str, size: int | None, eps: float | None,
     return None
 
 
-def _header(columns: list[tuple[str, str | None, int | None]], first: str = "ε") -> list[str]:
+def _header(columns: list[Column], first: str = "ε") -> list[str]:
     cells, previous = [first], None
     for attack, size_key, size in columns:
         if size_key is None:
@@ -314,11 +320,11 @@ def _header(columns: list[tuple[str, str | None, int | None]], first: str = "ε"
     return ["| " + " | ".join(cells) + " |", "| --- |" + " ---: |" * len(columns)]
 
 
-def _epsilons(blocks: list[tuple[str | None, dict[str, Any]]], metrics: set[str]) -> list[float]:
+def _epsilons(blocks: Blocks, metrics: set[str]) -> list[float]:
     return sorted({r["eps"] for _, d in blocks for r in d["results"] if r["metric"] in metrics})
 
 
-def _rank_table(blocks: list[tuple[str | None, dict[str, Any]]]) -> list[str]:
+def _rank_table(blocks: Blocks) -> list[str]:
     columns = _columns(blocks, "rank")
     if not columns:
         return []
@@ -344,7 +350,7 @@ def _rank_table(blocks: list[tuple[str | None, dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def _sp_table(blocks: list[tuple[str | None, dict[str, Any]]]) -> list[str]:
+def _sp_table(blocks: Blocks) -> list[str]:
     """Rows eps, one column per QA attack (and block): the largest mean C_SP rank over m."""
     columns: list[tuple[str | None, str]] = []
     for label, d in blocks:
@@ -376,7 +382,7 @@ def _sp_table(blocks: list[tuple[str | None, dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def _other_tables(blocks: list[tuple[str | None, dict[str, Any]]]) -> dict[str, list[str]]:
+def _other_tables(blocks: Blocks) -> dict[str, list[str]]:
     """One small table per non-rank metric (ES "shift", ...): rows eps, columns attack (x block)."""
     metrics = [m for m in dict.fromkeys(r["metric"] for _, d in blocks for r in d["results"]) if m != "rank"]
     tables: dict[str, list[str]] = {}

@@ -19,8 +19,9 @@ evaluation protocol of Zhou et al., "Adversarial Ranking Attack and Defense", EC
    Because every target draw is keyed by the attacked sample's index
    (:mod:`attacks.selection`), every forward runs at one fixed batch shape (short batches are
    padded, see :func:`_pad_to`) and the reduction order is fixed, world size 1 and world
-   size N give the same numbers, bit for bit. ``all_gather`` puts the values on every rank, so every rank reduces
-   them (identically): rank 0 writes the reports, and every rank can log the same scalars.
+   size N give the same numbers, bit for bit. ``all_gather`` puts the values on every rank,
+   so every rank reduces them (identically): rank 0 writes the reports, and every rank can
+   log the same scalars.
 
 Distributed primitives come through :class:`Collectives` (single process) or
 :class:`StrategyCollectives` (a Lightning ``trainer.strategy``); attacks themselves never
@@ -300,10 +301,15 @@ class RobustnessEvaluator:
         # differentiate through images and gallery embeddings created here.
         with torch.inference_mode(False), torch.no_grad(), frozen_eval(model):
             gallery, codes = self._embed_gallery(model, dataset, dist, embed_batch_size, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             embed_wall = time.perf_counter() - started
-            clean = self._clean_metrics(model, gallery, codes) if (self.clean_metrics and dist.is_main) else None
+            clean = None
+            if self.clean_metrics and dist.is_main:
+                clean = self._clean_metrics(model, gallery, codes)
             attacked = self.attacked_indices(n)
-            results, examples = self._run_attacks(model, dataset, gallery, attacked, configs, dist, device, on_result)
+            results, examples = self._run_attacks(
+                model, dataset, gallery, attacked, configs, dist, device, on_result)
         return RobustnessResults(
             suite=self.suite,
             results=results,
@@ -325,10 +331,10 @@ class RobustnessEvaluator:
     ) -> tuple[Gallery, Tensor | None]:
         """Embed X once: each rank its padded shard, gathered, de-duplicated, sorted by index."""
         n = len(dataset)  # type: ignore[arg-type]
-        sampler = (
-            DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=False, drop_last=False)
-            if dist.world_size > 1 else None
-        )
+        sampler = None
+        if dist.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=False,
+                                         drop_last=False)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                             collate_fn=collate_retrieval_batch)
         # encode() differs from embed() only for PQ / hashing rankers: skip the second pass otherwise.
@@ -353,8 +359,14 @@ class RobustnessEvaluator:
             values.append(gathered_codes.reshape(-1, *gathered_codes.shape[2:]))
         unique_idx, *values = deduplicate_by_index(gathered_idx, *values)
         if unique_idx.numel() != n or not torch.equal(unique_idx.cpu(), torch.arange(n)):
-            raise ValueError(f"the gallery dataset must yield each index 0..{n - 1} once (items carry their index)")
+            raise ValueError(
+                f"the gallery dataset must yield each index 0..{n - 1} once (items carry their index)")
         return Gallery(values[0], values[1]), (values[2] if separate_codes else None)
+
+    def clean_metrics_of(self, model: nn.Module, gallery: Gallery) -> dict[str, float]:
+        """Clean Recall@1 / mAP / MAP@R of a gathered gallery (ranked by its embeddings)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._clean_metrics(model, gallery, None)
 
     def _clean_metrics(self, model: nn.Module, gallery: Gallery, codes: Tensor | None) -> dict[str, float]:
         """Clean Recall@1 / mAP / MAP@R of X against itself (self excluded), as retrieval ranks."""
@@ -418,7 +430,8 @@ class RobustnessEvaluator:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 wall = time.perf_counter() - start
-                result = self._reduce(entry, config, attack.hparams, values, width, dist, device, valid, order, wall)
+                result = self._reduce(
+                    entry, config, attack.hparams, values, width, dist, device, valid, order, wall)
                 results.append(result)
                 if on_result is not None and dist.is_main:
                     on_result(result)

@@ -175,7 +175,8 @@ class Suite:
         """A copy with ``num_samples`` / ``batch_size`` replaced (``None`` keeps the suite's value)."""
         where = self.source or "<suite>"
         if num_samples is not None and (not _is_int(num_samples) or (num_samples < 1 and num_samples != -1)):
-            raise SuiteError(f"{where}: num_samples must be an integer >= 1 or -1 (whole gallery), got {num_samples!r}")
+            raise SuiteError(
+                f"{where}: num_samples must be an integer >= 1 or -1 (whole gallery), got {num_samples!r}")
         if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
             raise SuiteError(f"{where}: batch_size must be an integer >= 1, got {batch_size!r}")
         return replace(
@@ -214,8 +215,8 @@ class Suite:
             if largest + extra > gallery_size - 1:
                 plus = f" plus G={extra} semantics-preserving candidates" if extra else ""
                 raise SuiteError(
-                    f"{where}: attacks[{index}] ({spec.attack}): {spec.size_key}={largest}{plus} needs a gallery "
-                    f"of more than {largest + extra} items, but the gallery has {gallery_size}"
+                    f"{where}: attacks[{index}] ({spec.attack}): {spec.size_key}={largest}{plus} needs a "
+                    f"gallery of more than {largest + extra} items, but the gallery has {gallery_size}"
                 )
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,7 +239,8 @@ class Suite:
                 entry.build(config.eps, config.size, self.seed, **config.options)
             except (TypeError, ValueError) as err:
                 message = " ".join(str(err).split())
-                raise SuiteError(f"{where}: attacks[{config.spec_index}] ({config.attack}): {message}") from None
+                where_attack = f"{where}: attacks[{config.spec_index}] ({config.attack})"
+                raise SuiteError(f"{where_attack}: {message}") from None
 
 
 def _parse_spec(raw: Any, index: int, where: str, registry: AttackRegistry) -> AttackSpec:
@@ -266,7 +268,7 @@ def _parse_spec(raw: Any, index: int, where: str, registry: AttackRegistry) -> A
         raise SuiteError(f"{prefix}: epsilons must not be empty")
     for eps in epsilons:
         if not _is_number(eps) or not 0.0 <= eps <= 1.0:
-            raise SuiteError(f"{prefix}: epsilon {eps!r} is outside [0, 1] (budgets are in [0, 1] pixel units)")
+            raise SuiteError(f"{prefix}: epsilon {eps!r} is outside [0, 1] (budgets are in pixel units)")
     if len(set(epsilons)) != len(epsilons):
         raise SuiteError(f"{prefix}: epsilons {epsilons} contain duplicates")
 

@@ -14,7 +14,8 @@ same engine as ``eval.py``) against the gallery X = ``trainer.datamodule.eval_se
   row) and after (lower row) a QA attack; frames are green for the query's class, red
   otherwise, blue for the attack's target candidates;
 - with ``report_dir``: a JSON + Markdown report per evaluation (rank 0), see
-  :class:`attacks.report.Report`.
+  :class:`attacks.report.Report`, written in ``on_validation_end`` / ``on_test_end`` so that it
+  carries the clean Recall@1 / mAP the ranker logged for the same epoch.
 
 Use it from a LightningCLI config::
 
@@ -30,7 +31,6 @@ The suite is parsed (and validated) when the callback is built; the gallery-size
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -40,7 +40,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
 from attacks.report import Report, write_atomic
-from attacks.robustness_evaluator import ConfigResult, RobustnessEvaluator, RobustnessResults, StrategyCollectives
+from attacks.robustness_evaluator import (
+    ConfigResult,
+    RobustnessEvaluator,
+    RobustnessResults,
+    StrategyCollectives,
+)
 from attacks.suite import Suite
 from data.retrieval_batch import collate_retrieval_batch
 from retrieval.index import stable_topk
@@ -101,6 +106,9 @@ class RobustnessEvaluation(pl.Callback):
             num_samples=num_samples,
             batch_size=batch_size,
             keep_examples=max(num_images, strip_queries) if log_images else 0,
+            # The ranker logs <stage>/recall@1 and <stage>/map itself; they are copied into the
+            # report in on_<stage>_end instead of ranking the gallery a second time.
+            clean_metrics=False,
             progress=progress,
         )
         self.every_n_epochs = every_n_epochs
@@ -112,6 +120,7 @@ class RobustnessEvaluation(pl.Callback):
         self.partial_report = Path(partial_report) if partial_report else None
         self.last_results: RobustnessResults | None = None
         self.history: list[tuple[str, int]] = []
+        self._pending: str | None = None  # stage whose report waits for the clean metrics
 
     @property
     def suite(self) -> Suite:
@@ -132,9 +141,16 @@ class RobustnessEvaluation(pl.Callback):
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.evaluate(trainer, pl_module, "test")
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finalize(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finalize(trainer, pl_module)
+
     # ------------------------------------------------------------------ work
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> RobustnessResults:
-        """Run the suite now (all ranks), log, and write reports (rank 0)."""
+        """Run the suite now (all ranks), log scalars and (rank 0) images; the report follows in
+        :meth:`finalize`, once the ranker has logged its clean metrics."""
         dataset = self._gallery(trainer)
         finished: list[ConfigResult] = []
 
@@ -153,19 +169,32 @@ class RobustnessEvaluation(pl.Callback):
         )
         self.last_results = results
         self.history.append((stage, trainer.current_epoch))
+        self._pending = stage
         # Identical on every rank (all-gathered), so no sync_dist.
         pl_module.log_dict(self.scalars(results), sync_dist=False)
-        if trainer.is_global_zero:
-            if self.log_images:
-                self._log_images(trainer, pl_module, results, dataset)
-            if self.report_dir is not None:
-                name = "test" if stage == "test" else f"{stage}-epoch{trainer.current_epoch:03d}"
-                report = Report.from_results(
-                    results, title=f"{stage} epoch {trainer.current_epoch}",
-                    meta={"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step},
-                )
-                report.write(self.report_dir / f"{name}.json", self.report_dir / f"{name}.md")
+        if trainer.is_global_zero and self.log_images:
+            self._log_images(trainer, pl_module, results, dataset)
         return results
+
+    def finalize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the ranker's epoch-end metrics: fill in the clean metrics, write the report."""
+        if self._pending is None or self.last_results is None:
+            return
+        stage, results, self._pending = self._pending, self.last_results, None
+        metrics = trainer.callback_metrics
+        keys = [k for k in ("recall@1", "map", "map@r") if f"{stage}/{k}" in metrics]
+        clean = {k: float(metrics[f"{stage}/{k}"]) for k in keys}
+        if not clean and trainer.is_global_zero and results.gallery is not None:
+            # Not a Ranker (nothing logged): rank the gallery ourselves.
+            clean = self.evaluator.clean_metrics_of(pl_module, results.gallery)
+        results.clean = clean or None
+        if trainer.is_global_zero and self.report_dir is not None:
+            name = "test" if stage == "test" else f"{stage}-epoch{trainer.current_epoch:03d}"
+            report = Report.from_results(
+                results, title=f"{stage} epoch {trainer.current_epoch}",
+                meta={"stage": stage, "epoch": trainer.current_epoch, "global_step": trainer.global_step},
+            )
+            report.write(self.report_dir / f"{name}.json", self.report_dir / f"{name}.md")
 
     @staticmethod
     def scalars(results: RobustnessResults) -> dict[str, float]:
@@ -206,7 +235,8 @@ class RobustnessEvaluation(pl.Callback):
             perturbation = ((adv - clean) / scale + 0.5).clamp(0.0, 1.0)
             grid = make_grid(torch.cat([clean, adv, perturbation]), nrow=n, padding=2, pad_value=1.0)
             size = f" {example.size_key}={example.size}" if example.size_key else ""
-            writer.add_image(f"robust_images/{attack} eps={example.eps:g}{size} (clean|adv|perturbation)", grid, step)
+            tag = f"robust_images/{attack} eps={example.eps:g}{size} (clean|adv|perturbation)"
+            writer.add_image(tag, grid, step)
         strip = self._retrieval_strip(pl_module, results, dataset)
         if strip is not None:
             writer.add_image(f"robust_images/retrieval strip {strip[1]} (before|after)", strip[0], step)
@@ -233,8 +263,9 @@ class RobustnessEvaluation(pl.Callback):
         labels = gallery.labels
         targets = example.targets[:n].to(gallery.device) if example.targets is not None else None
         shown = top.reshape(-1)
-        colors = torch.where((labels[shown] == labels[queries].repeat_interleave(2 * k))[:, None],
-                             torch.tensor(_GREEN, device=shown.device), torch.tensor(_RED, device=shown.device))
+        same_class = labels[shown] == labels[queries].repeat_interleave(2 * k)
+        green, red = torch.tensor(_GREEN, device=shown.device), torch.tensor(_RED, device=shown.device)
+        colors = torch.where(same_class[:, None], green, red)
         if targets is not None:
             is_target = (top[..., None] == targets[:, None, None, :]).any(-1).reshape(-1)
             colors[is_target] = torch.tensor(_BLUE, device=shown.device)

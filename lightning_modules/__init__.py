@@ -3,6 +3,19 @@
 from lightning_modules.backbones import C2F1, LeNet, ResNet18
 from lightning_modules.input_normalization import InputNormalization
 from lightning_modules.metric_ranker import MetricRanker
-from lightning_modules.ranker import Ranker
+from lightning_modules.ranker import Ranker, load_ranker
 
-__all__ = ["C2F1", "InputNormalization", "LeNet", "MetricRanker", "Ranker", "ResNet18"]
+__all__ = ["C2F1", "InputNormalization", "LeNet", "MetricRanker", "Ranker", "ResNet18", "load_ranker"]
+
+# Deep Cauchy Hashing (docs/dch.md)
+from lightning_modules.dch_loss import DCHLoss  # noqa: E402
+from lightning_modules.dch_ranker import DCHRanker  # noqa: E402
+
+__all__ += ["DCHLoss", "DCHRanker"]
+
+# Deep product quantization and k-means PQ (docs/dpqn.md)
+from lightning_modules.dpqn_ranker import DPQNRanker  # noqa: E402
+from lightning_modules.kmeans_pq_ranker import KMeansPQRanker  # noqa: E402
+from lightning_modules.soft_product_quantizer import SoftProductQuantizer  # noqa: E402
+
+__all__ += ["DPQNRanker", "KMeansPQRanker", "SoftProductQuantizer"]

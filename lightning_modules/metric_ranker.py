@@ -76,7 +76,7 @@ class MetricRanker(Ranker):
         recall_ks: Sequence[int] = (1, 2, 4, 8),
     ) -> None:
         super().__init__(recall_ks=tuple(recall_ks))
-        self.save_hyperparameters(ignore=["backbone", "loss", "miner", "input_normalization"])
+        self.save_config_hyperparameters(["backbone", "loss", "miner", "input_normalization"])
         self.backbone = backbone
         self.loss = loss
         self.miner = miner

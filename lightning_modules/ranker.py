@@ -22,10 +22,13 @@ budgets are in pixel units.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
 from retrieval.index import RetrievalIndex, TorchFlatIndex
@@ -52,6 +55,18 @@ class Ranker(pl.LightningModule):
         self.recall_ks = tuple(recall_ks)
         self.val_metrics = RetrievalMetrics(distance=self.code_distance, recall_ks=self.recall_ks)
         self.test_metrics = RetrievalMetrics(distance=self.code_distance, recall_ks=self.recall_ks)
+
+    def save_config_hyperparameters(self, module_args: Sequence[str]) -> None:
+        """``save_hyperparameters`` for rankers that receive modules (backbone, loss ...).
+
+        Built by ``train.py`` (LightningCLI), the hyper-parameters are the config itself
+        (``class_path`` + ``init_args``, plain data), which lets :func:`load_ranker` rebuild the
+        whole model: keep everything. Built directly in Python, the module arguments are left
+        out (they would be pickled a second time beside the state dict).
+        """
+        given = _given_hyperparameters.get()  # set by LightningCLI while it instantiates
+        caller = inspect.currentframe().f_back  # the subclass __init__ whose arguments are saved
+        self.save_hyperparameters(ignore=None if given is not None else list(module_args), frame=caller)
 
     # ----------------------------------------------------------------- contract
     def embed(self, x: Tensor) -> Tensor:
@@ -109,3 +124,34 @@ class Ranker(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.test_metrics, "test")
+
+
+def load_ranker(checkpoint_path: str, map_location: Any = "cpu") -> Ranker:
+    """The :class:`Ranker` stored in a checkpoint written by ``train.py``.
+
+    LightningCLI records the model's ``class_path`` in the checkpoint's hyper-parameters; the
+    model is rebuilt from that config by the class itself (``Ranker.load_from_checkpoint`` on the
+    base class would drop it and build a bare ``Ranker``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a Lightning checkpoint of a ranker trained through ``train.py``.
+    """
+    import importlib
+    from pathlib import Path
+
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    class_path = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    if not class_path:
+        raise ValueError(
+            f"{checkpoint_path} records no model class_path (not trained through train.py?): "
+            "build the model from its config and load the state_dict instead"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Ranker)):
+        raise ValueError(f"{checkpoint_path} holds a {class_path}, not a lightning_modules.Ranker")
+    return cls.load_from_checkpoint(checkpoint_path, map_location=map_location)

@@ -37,3 +37,35 @@ __all__ = [
     "recall_at_k",
     "stable_topk",
 ]
+
+# Hamming search and hashing metrics (docs/dch.md)
+from retrieval.hamming_index import HammingIndex  # noqa: E402
+from retrieval.hashing_metrics import (  # noqa: E402
+    evaluate_hashing,
+    hamming_distance,
+    hamming_pr_curve,
+    map_within_hamming_radius,
+    pack_codes,
+    packed_hamming_distance,
+    sign_codes,
+    unpack_codes,
+)
+
+__all__ += [
+    "HammingIndex",
+    "evaluate_hashing",
+    "hamming_distance",
+    "hamming_pr_curve",
+    "map_within_hamming_radius",
+    "pack_codes",
+    "packed_hamming_distance",
+    "sign_codes",
+    "unpack_codes",
+]
+
+# Product-quantization search, SDC / ADC (docs/dpqn.md)
+from retrieval.pq_index import PQIndex, faiss_pq_supported, pack_pq_codes  # noqa: E402
+from retrieval.pq_search import adc_distance, decode_codes, sdc_distance, sdc_table  # noqa: E402
+
+__all__ += ["PQIndex", "adc_distance", "decode_codes", "faiss_pq_supported", "pack_pq_codes", "sdc_distance",
+            "sdc_table"]

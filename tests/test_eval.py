@@ -28,6 +28,7 @@ trainer:
   devices: 1
   enable_progress_bar: false
   enable_model_summary: false
+  log_every_n_steps: 1
   logger:
     class_path: pytorch_lightning.loggers.TensorBoardLogger
     init_args: {save_dir: runs, name: tiny}
@@ -109,6 +110,7 @@ def test_eval_writes_json_and_markdown(tiny_run, capsys):
     assert [(r["attack"], r.get("w", r.get("m"))) for r in data["results"]] == [
         ("CA+", 1), ("CA+", 2), ("CA-", 1), ("QA-", 1), ("ES", None)]
     assert data["versions"]["torch"] == torch.__version__
+    assert 0 < data["clean"]["recall@1"] <= 1 and 0 < data["clean"]["map"] <= 1
     markdown = (out_dir / f"{stem}.md").read_text()
     assert "| ε | CA+ w=1 | 2 | CA- w=1 | QA- m=1 |" in markdown
     assert markdown in capsys.readouterr().out

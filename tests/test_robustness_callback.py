@@ -88,6 +88,7 @@ def test_trainer_test_logs_scalars_images_and_report(tiny_ranker, suite_file, tm
 
     data = json.loads((tmp_path / "reports" / "test.json").read_text())
     assert data["num_samples"] == 12 and len(data["results"]) == 4
+    assert data["clean"]["recall@1"] == pytest.approx(metrics["test/recall@1"])  # the ranker's own metric
     assert (tmp_path / "reports" / "test.md").read_text().startswith("# Robustness: test epoch 0")
 
 

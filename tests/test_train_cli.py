@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from data.idx_format import write_idx_ubyte
+from lightning_modules import MetricRanker, load_ranker
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -93,6 +94,24 @@ def test_tensorboard_has_train_loss_and_validation_metrics(in_tmp):
     assert len(events.Scalars("val/recall@1")) == 2  # one per epoch
     values = [e.value for e in events.Scalars("val/map")]
     assert all(0.0 <= v <= 1.0 for v in values)
+
+    # The checkpoint records its model config: load_ranker rebuilds the same model.
+    restored = load_ranker(str(log_dir / "checkpoints" / "last.ckpt"))
+    assert type(restored) is MetricRanker and cli.model.hparams["backbone"]["class_path"].endswith("C2F1")
+    x = torch.rand(4, 1, 28, 28)
+    cli.model.eval()
+    torch.testing.assert_close(restored.eval().embed(x), cli.model.embed(x))
+
+
+def test_load_ranker_refuses_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_ranker(str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="no model class_path"):
+        load_ranker(str(tmp_path / "bare.ckpt"))
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "torch.nn.Linear"}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a lightning_modules.Ranker"):
+        load_ranker(str(tmp_path / "other.ckpt"))
 
 
 def test_training_is_seeded(in_tmp):

@@ -1,0 +1,160 @@
+"""Attack cost relative to plain forward + backward passes (DESIGN.md "Performance rules").
+
+For every configuration of a suite, ``t_attack`` is the wall time of the attack over T
+samples in batches of ``batch_size`` (exactly as the evaluation engine calls it, gallery
+embedded beforehand), and ``t_fb`` the wall time of ``steps`` plain ``model.embed`` forward +
+backward passes (gradient w.r.t. the input, parameters frozen, as in PGD) on the same batches.
+``ratio = t_attack / t_fb``; the design aims at <= 1.3. The extra cost is the attack loss
+(distances to the gallery, hinges), target selection and the two metric forwards (adversarial
+and clean) at the end.
+
+Run on the CPU with a small budget (one thread: the machine is shared)::
+
+    .venv/bin/python bench/attack_cost.py --suite configs/suites/quick.yaml --model c2f1 \\
+        --data fashion-mnist --num-samples 100 --threads 1
+
+Other models / data: ``--model lenet``, ``--embedding-dim``, ``--data synthetic``,
+``--ckpt <run>/checkpoints/x.ckpt`` (data from the run's config.yaml, as eval.py), ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attacks.attack import frozen_eval  # noqa: E402
+from attacks.attack_registry import ATTACKS  # noqa: E402
+from attacks.robustness_evaluator import Collectives, RobustnessEvaluator, _pad_to  # noqa: E402
+from attacks.suite import Suite  # noqa: E402
+
+
+def build_model(args: argparse.Namespace):
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.losses import TripletMarginLoss
+
+    from lightning_modules import C2F1, LeNet, MetricRanker
+
+    torch.manual_seed(0)
+    dim = args.embedding_dim or (1024 if args.model == "c2f1" else 128)
+    backbone = C2F1(embedding_dim=dim) if args.model == "c2f1" else LeNet(embedding_dim=dim)
+    return MetricRanker(backbone, TripletMarginLoss(margin=0.2, distance=CosineSimilarity()))
+
+
+def build_data(args: argparse.Namespace):
+    from data import FashionMNISTDataModule, SyntheticDataModule
+
+    if args.data == "fashion-mnist":
+        dm = FashionMNISTDataModule(eval_batch_size=1000)
+    else:
+        dm = SyntheticDataModule(num_classes=10, train_per_class=4, test_per_class=args.gallery_size // 10,
+                                 eval_batch_size=1000)
+    dm.setup("test")
+    return dm
+
+
+def load_checkpoint(path: str):
+    import eval as eval_script
+
+    ckpt = Path(path)
+    model_section, data_section, where = eval_script._run_config(ckpt, None)
+    model = eval_script.load_ranker(ckpt, model_section, where)
+    from data import RetrievalDataModule
+
+    dm = eval_script._instantiate(data_section, RetrievalDataModule, "data", where)
+    dm.setup("test")
+    return model, dm
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_backward(model, images: torch.Tensor, steps: int) -> None:
+    """``steps`` x (embed forward + backward to the input): the PGD loop without the attack loss."""
+    x = images.clone().requires_grad_(True)
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad(model.embed(x).sum(), x)
+        x = (x.detach() - 1e-3 * grad.sign()).requires_grad_(True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="attack_cost.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", default="configs/suites/quick.yaml")
+    parser.add_argument("--num-samples", type=int, default=100, help="T attacked samples")
+    parser.add_argument("--batch-size", type=int, default=None, help="attack batch size (default: suite's)")
+    parser.add_argument("--model", choices=("c2f1", "lenet"), default="c2f1", help="random-init model")
+    parser.add_argument("--embedding-dim", type=int, default=None)
+    parser.add_argument("--data", choices=("fashion-mnist", "synthetic"), default="fashion-mnist")
+    parser.add_argument("--gallery-size", type=int, default=1000, help="synthetic gallery size")
+    parser.add_argument("--ckpt", default=None, help="benchmark this checkpoint (data from its run config)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    model, dm = load_checkpoint(args.ckpt) if args.ckpt else (build_model(args), build_data(args))
+    model = model.to(device)
+    suite = Suite.from_yaml(args.suite)
+    evaluator = RobustnessEvaluator(suite, num_samples=args.num_samples, batch_size=args.batch_size,
+                                    clean_metrics=False, progress=False)
+    dataset = dm.eval_set
+    evaluator.check(len(dataset))
+    configs, skipped = evaluator.plan(model)
+    attacked = evaluator.attacked_indices(len(dataset))
+    width = min(evaluator.suite.batch_size, attacked.numel())
+    batches = [(_pad_to(b.images, width).to(device), _pad_to(b.indices, width).to(device))
+               for b in RobustnessEvaluator._batches(dataset, attacked, evaluator.suite.batch_size)]
+
+    print(f"device {device}, threads {torch.get_num_threads()}, model "
+          f"{args.ckpt or f'{args.model} (random init)'}, gallery |X| = {len(dataset)}, "
+          f"T = {attacked.numel()}, {len(batches)} batch(es) of {width}, suite {suite.name}")
+    with torch.inference_mode(False), torch.no_grad(), frozen_eval(model):
+        gallery, _ = evaluator._embed_gallery(model, dataset, Collectives(), 1000, device)
+        with torch.enable_grad():
+            forward_backward(model, batches[0][0], 2)  # warm-up (allocator, kernels)
+            first = ATTACKS.get(configs[0].attack).build(configs[0].eps, configs[0].size, suite.seed,
+                                                          **configs[0].options)
+            first(model, gallery, *batches[0])
+
+        print(f"{'attack':<8}{'eps':>7}{'w/m':>5}{'steps':>6}{'attack s':>10}{'f+b s':>9}{'ratio':>7}")
+        total_attack = total_fb = 0.0
+        for config in configs:
+            attack = ATTACKS.get(config.attack).build(config.eps, config.size, suite.seed, **config.options)
+            if config.eps == 0:
+                continue  # PGD does nothing at eps = 0: no reference cost to compare with
+            sync(device)
+            start = time.perf_counter()
+            for images, indices in batches:
+                attack(model, gallery, images, indices)
+            sync(device)
+            t_attack = time.perf_counter() - start
+            start = time.perf_counter()
+            with torch.enable_grad():
+                for images, _ in batches:
+                    forward_backward(model, images, attack.steps)
+            sync(device)
+            t_fb = time.perf_counter() - start
+            total_attack, total_fb = total_attack + t_attack, total_fb + t_fb
+            size = "" if config.size is None else str(config.size)
+            print(f"{config.attack:<8}{config.eps:>7g}{size:>5}{attack.steps:>6}{t_attack:>10.3f}{t_fb:>9.3f}"
+                  f"{t_attack / t_fb:>7.2f}")
+        if total_fb > 0:
+            print(f"{'all':<26}{total_attack:>10.3f}{total_fb:>9.3f}{total_attack / total_fb:>7.2f}")
+    for s in skipped:
+        print(f"skipped {s.attack}: {s.reason}")
+    if math.isnan(total_attack):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Shared helpers of the PQ scripts (``scripts/pq_eval.py``, ``scripts/pq_ag_table.py``).
+
+Model specs on the command line (``LABEL=SPEC``):
+
+- ``dpqn:<ckpt>`` -- a :class:`lightning_modules.DPQNRanker` checkpoint of ``train.py``;
+- ``kmeans:<ckpt>:<bits>[:<M>]`` -- any ranker checkpoint (e.g. a metric ranker) plus k-means PQ
+  codebooks of ``bits`` bits in ``M`` codebooks (default 4) fitted on the database embeddings
+  (:meth:`lightning_modules.KMeansPQRanker.fit`, faiss, seed 0).
+
+A checkpoint is rebuilt from the ``model`` section of its run's ``config.yaml`` (LightningCLI
+saves it next to ``checkpoints/``) and its state dict is loaded strictly.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from data import FashionMNISTDataModule  # noqa: E402
+from lightning_modules import KMeansPQRanker, Ranker  # noqa: E402
+
+
+@dataclass
+class Split:
+    """Images ``[N, 1, 28, 28]`` in [0, 1] and labels ``[N]`` of the query set or the database."""
+
+    images: Tensor
+    labels: Tensor
+
+
+def load_ranker(ckpt: str | Path) -> Ranker:
+    """The ranker of a ``train.py`` checkpoint (CPU, eval mode)."""
+    from jsonargparse import ArgumentParser
+
+    ckpt = Path(ckpt)
+    config = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "config.yaml"
+    if not ckpt.is_file() or not config.is_file():
+        raise SystemExit(f"error: need a checkpoint and its run config.yaml: {ckpt} / {config}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Ranker, "model", fail_untyped=False)
+    cfg = parser.parse_object({"model": yaml.safe_load(config.read_text())["model"]})
+    model = parser.instantiate_classes(cfg).model
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def query_database(num_queries: int = 1000, database: str = "test_rest", seed: int = 0) -> tuple[Split, Split]:
+    """The Fashion-MNIST query set and database of docs/dpqn.md (1000 test queries, seed 0;
+    the other 9000 test images are the database)."""
+    dm = FashionMNISTDataModule(protocol="query_database", num_queries=num_queries, database=database, seed=seed,
+                                eval_batch_size=1000)
+    dm.setup()
+
+    def stack(loader) -> Split:
+        images, labels = zip(*[(x, y) for x, y, _ in loader])
+        return Split(torch.cat(images), torch.cat(labels))
+
+    return stack(dm.query_dataloader()), stack(dm.database_dataloader())
+
+
+@torch.no_grad()
+def batched(fn, images: Tensor, batch_size: int = 1000) -> Tensor:
+    """``fn`` over ``images`` in batches, concatenated."""
+    return torch.cat([fn(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
+
+
+def build_model(spec: str, database: Split) -> Ranker:
+    """A PQ ranker from a ``dpqn:<ckpt>`` / ``kmeans:<ckpt>:<bits>[:<M>]`` spec (see module doc)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "dpqn":
+        model = load_ranker(rest)
+        if "codebooks" not in model.capabilities:
+            raise SystemExit(f"error: {rest} holds a {type(model).__name__} without codebooks; use kmeans:{rest}:<bits>")
+        return model
+    if kind == "kmeans":
+        parts = rest.rsplit(":", 2)
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            path, bits, num_codebooks = parts[0], int(parts[1]), int(parts[2])
+        else:
+            path, _, bits_text = rest.rpartition(":")
+            if not bits_text.isdigit():
+                raise SystemExit(f"error: bad model spec {spec!r}: kmeans:<ckpt>:<bits>[:<M>]")
+            bits, num_codebooks = int(bits_text), 4
+        ranker = load_ranker(path)
+        embeddings = batched(ranker.embed, database.images)
+        return KMeansPQRanker.fit(ranker, embeddings, num_bits=bits, num_codebooks=num_codebooks).eval()
+    raise SystemExit(f"error: bad model spec {spec!r}: dpqn:<ckpt> or kmeans:<ckpt>:<bits>[:<M>]")
+
+
+def parse_models(items: list[str]) -> list[tuple[str, str]]:
+    """``["LABEL=SPEC", ...]`` -> ``[(label, spec), ...]``."""
+    out = []
+    for item in items:
+        label, sep, spec = item.partition("=")
+        if not sep or not label or not spec:
+            raise SystemExit(f"error: --model wants LABEL=SPEC, got {item!r}")
+        out.append((label, spec))
+    return out

@@ -1,0 +1,67 @@
+"""The SDHA scripts end to end on a tiny DCH run trained by train.py on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("dch_run")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cwd = Path.cwd()
+    try:
+        os.chdir(tmp)  # runs/ and config.yaml land in the temporary folder
+        train.main([
+            "fit", "--config", str(REPO / "configs/fashion_mnist_dch_16.yaml"),
+            "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+            "--data.eval_batch_size", "64", "--data.num_queries", "8", "--data.protocol", "query_database",
+            "--model.init_args.backbone.init_args.embedding_dim", "16",
+            "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+        ])
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(previous)
+    return tmp / "runs/fashion_mnist_dch_16/version_0/checkpoints/last.ckpt"
+
+
+@pytest.fixture
+def scripts_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    torch.set_num_threads(1)
+
+
+def test_clean_map_script(tiny_run, scripts_on_path, capsys):
+    import sdha_clean_map
+
+    rows = sdha_clean_map.main([str(tiny_run)])
+    assert rows[0]["bits"] == 16 and rows[0]["queries"] == 8 and rows[0]["database"] == 128
+    assert rows[0]["map@1000"] == pytest.approx(rows[0]["map@1000_faiss"])
+    assert "| 16 |" in capsys.readouterr().out
+
+
+def test_tables_script_and_reprint(tiny_run, scripts_on_path, tmp_path, capsys):
+    import sdha_tables
+
+    out = tmp_path / "tables.json"
+    common = ["--queries", "4", "--batch", "2", "--steps", "10", "--baseline-steps", "10", "--check-every", "5",
+              "--eps", "0.3", "--topk", "10", "--lagrange", "100", "--out", str(out)]
+    sdha_tables.main(["--ckpt", str(tiny_run), "--attacks", "SDHA", "HAG", *common])
+    sdha_tables.main(["--ckpt", str(tiny_run), "--attacks", "SDHA-T", "DHTA", *common])  # merged into the file
+    results = json.loads(out.read_text())
+    assert set(results["16"]) == {"ckpt", "SDHA", "HAG", "SDHA-T", "DHTA"}
+    assert len(results["16"]["SDHA"]["ap"]) == 4 and results["16"]["SDHA"]["iterations"] == [0, 5, 10]
+    capsys.readouterr()
+    sdha_tables.main(["--from-json", str(out)])
+    printed = capsys.readouterr().out
+    assert "Untargeted (Table 2)" in printed and "| SDHA-T |" in printed and "Table 4 layout" in printed
