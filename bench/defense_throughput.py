@@ -1,26 +1,30 @@
 """Training throughput of the max-shift defense (ECCV 2020 Eq. 13) relative to vanilla training.
 
-Trains the same model (same initialization, same batches) with a plain Lightning Trainer, once
-without and once per ``--steps`` value with :class:`callbacks.MaxShiftAdversarialTraining`, and
-times every training batch from the first ``on_train_batch_start`` hook (before crafting) to
-``on_train_batch_end`` (after the optimizer step). Throughput is ``batch_size`` over the median
-batch time; the settings run interleaved ``--repeats`` times and the fastest median is kept.
-Crafting costs ``steps`` forward+backward passes (input gradient only) plus two no-grad forwards
-for the logged shift, so the ideal throughput ratio is about ``1 / (steps + 1)``.
+For each ``--steps`` value, one Lightning ``fit`` of the model (same initialization, same
+batches) in which training batches *alternate* between vanilla (even batch index) and defended
+(odd batch index: :class:`callbacks.MaxShiftAdversarialTraining` crafts the batch). Every batch
+is timed from the first ``on_train_batch_start`` hook (before crafting) to ``on_train_batch_end``
+(after the optimizer step). Throughput = ``batch_size`` / median batch time, separately for the
+vanilla and the defended batches of the same run; pairing them this way keeps the ratio honest
+on a shared machine whose load changes from minute to minute.
 
-CPU run used in docs/defense.md (about 3 minutes on 2 idle cores)::
+Crafting costs ``steps`` forward+backward passes (input gradient only) plus two no-grad
+forwards for the logged shift, so the ideal throughput ratio is about ``1 / (steps + 1)``.
+
+CPU run reported in docs/defense.md (about 2 minutes on 2 idle cores)::
 
     .venv/bin/python bench/defense_throughput.py --data fashion-mnist --backbone c2f1 \
-        --batch-size 128 --batches 12 --warmup-batches 2 --repeats 3 --steps 10 30 --threads 2
+        --batch-size 128 --pairs 12 --warmup-pairs 1 --steps 10 30 --threads 2
 
 ``--data synthetic`` uses 28x28 synthetic images when Fashion-MNIST is not installed;
-``--device cuda`` times on a GPU (with synchronization around each batch).
+``--device cuda`` times on a GPU (synchronizing around each batch).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -40,11 +44,11 @@ from lightning_modules import C2F1, LeNet, MetricRanker  # noqa: E402
 
 
 class BatchTimer(pl.Callback):
-    """Wall time of each training batch, crafting + training step + optimizer step."""
+    """Wall time of each training batch (crafting + training step + optimizer step) by batch index."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.times: list[float] = []
+        self.times: dict[int, float] = {}
         self._start = 0.0
 
     def _sync(self) -> None:
@@ -57,7 +61,19 @@ class BatchTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync()
-        self.times.append(time.perf_counter() - self._start)
+        self.times[batch_idx] = time.perf_counter() - self._start
+
+
+class OddBatchDefense(MaxShiftAdversarialTraining):
+    """The defense on odd batch indices only, so vanilla and defended batches interleave."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % 2 == 1:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx % 2 == 1:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 def make_data(kind: str, batch_size: int, samples_per_class: int, batches: int) -> RetrievalDataModule:
@@ -74,18 +90,16 @@ def make_model(backbone: str, embedding_dim: int) -> MetricRanker:
     return MetricRanker(backbone=net, loss=TripletMarginLoss(margin=0.2, distance=CosineSimilarity()))
 
 
-def time_training(args: argparse.Namespace, data: RetrievalDataModule, steps: int | None) -> list[float]:
-    """Per-batch wall times of the measured batches (after the warm-up batches)."""
+def time_pairs(args: argparse.Namespace, data: RetrievalDataModule, steps: int) -> tuple[list[float], list[float]]:
+    """``(vanilla, defended)`` wall times of the timed pairs (after ``--warmup-pairs``)."""
     device = torch.device(args.device)
     timer = BatchTimer(device)
-    callbacks: list[pl.Callback] = [timer]  # first, so its start precedes the crafting
-    if steps is not None:
-        callbacks.append(MaxShiftAdversarialTraining(eps=args.eps, alpha=args.alpha, steps=steps))
+    defense = OddBatchDefense(eps=args.eps, alpha=args.alpha, steps=steps)
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        max_steps=args.warmup_batches + args.batches,
+        max_steps=2 * (args.warmup_pairs + args.pairs),
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
@@ -93,10 +107,11 @@ def time_training(args: argparse.Namespace, data: RetrievalDataModule, steps: in
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=callbacks,
+        callbacks=[timer, defense],  # the timer first, so its start precedes the crafting
     )
     trainer.fit(make_model(args.backbone, args.embedding_dim), datamodule=data)
-    return timer.times[args.warmup_batches:]
+    timed = [i for i in sorted(timer.times) if i >= 2 * args.warmup_pairs]
+    return [timer.times[i] for i in timed if i % 2 == 0], [timer.times[i] for i in timed if i % 2 == 1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,49 +121,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embedding-dim", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--samples-per-class", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=12, help="measured batches per run")
-    parser.add_argument("--warmup-batches", type=int, default=2, help="untimed batches first")
+    parser.add_argument("--pairs", type=int, default=12, help="timed (vanilla, defended) batch pairs per run")
+    parser.add_argument("--warmup-pairs", type=int, default=1, help="untimed pairs first")
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 30], help="PGD steps of the defense")
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--alpha", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="round-robin repetitions; the fastest median per setting is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.pairs < 1 or args.warmup_pairs < 0:
+        parser.error("--pairs must be >= 1 and --warmup-pairs >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.batches < 1 or args.warmup_batches < 0 or args.repeats < 1:
-        parser.error("--batches and --repeats must be >= 1, --warmup-batches >= 0")
-
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # keep the table readable
     warnings.filterwarnings("ignore")
 
-    # Same data module (hence the same batches) for every run. Settings are interleaved and
-    # repeated, and the fastest median kept, because other jobs on a shared machine slow down
-    # whole stretches of a run.
-    data = make_data(args.data, args.batch_size, args.samples_per_class, args.warmup_batches + args.batches)
-    settings: list[int | None] = [None, *args.steps]
-    best: dict[int | None, float] = {}
-    for _ in range(args.repeats):
-        for steps in settings:
-            median = statistics.median(time_training(args, data, steps))
-            best[steps] = min(best.get(steps, float("inf")), median)
-
-    vanilla = best[None]
-    rows = [f"| vanilla | {vanilla:.4f} | {args.batch_size / vanilla:.1f} | 1 | 1 | 1 |"]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    # One data module (hence the same batches) for every run.
+    data = make_data(args.data, args.batch_size, args.samples_per_class, 2 * (args.warmup_pairs + args.pairs))
+    rows = []
     for steps in args.steps:
-        defended = best[steps]
+        vanilla_times, defended_times = time_pairs(args, data, steps)
+        vanilla, defended = statistics.median(vanilla_times), statistics.median(defended_times)
         ratio, ideal = vanilla / defended, 1.0 / (steps + 1)
-        rows.append(f"| defense, {steps} steps | {defended:.4f} | {args.batch_size / defended:.1f} | "
+        rows.append(f"| {steps} | {args.batch_size / vanilla:.1f} | {args.batch_size / defended:.1f} | "
                     f"{ratio:.4f} | {ideal:.4f} | {ratio / ideal:.2f} |")
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
         f"cpu, {torch.get_num_threads()} threads")
-    print(f"\n{args.backbone} (dim {args.embedding_dim}), {args.data}, batch {args.batch_size}, best of "
-          f"{args.repeats} medians of {args.batches} timed batches after {args.warmup_batches} untimed, "
-          f"eps {args.eps}, alpha {args.alpha}, {device_name}, torch {torch.__version__}\n")
-    print("| training | median s/batch | images/s | ratio to vanilla | ideal 1/(steps+1) | ratio / ideal |")
+    print(f"\n{args.backbone} (dim {args.embedding_dim}), {args.data}, batch {args.batch_size}, medians of "
+          f"{args.pairs} interleaved (vanilla, defended) pairs after {args.warmup_pairs} untimed, eps {args.eps}, "
+          f"alpha {args.alpha}, {device_name}, torch {torch.__version__}, "
+          f"1-min load average {load_before:.2f} before / {load_after:.2f} after\n")
+    print("| PGD steps | vanilla images/s | defended images/s | ratio | ideal 1/(steps+1) | ratio / ideal |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 

@@ -96,11 +96,12 @@ def test_tensorboard_has_train_loss_and_validation_metrics(in_tmp):
     assert all(0.0 <= v <= 1.0 for v in values)
 
     # The checkpoint records its model config: load_ranker rebuilds the same model.
-    restored = load_ranker(str(log_dir / "checkpoints" / "last.ckpt"))
+    ckpt = log_dir / "checkpoints" / "last.ckpt"
+    restored = load_ranker(str(ckpt))
     assert type(restored) is MetricRanker and cli.model.hparams["backbone"]["class_path"].endswith("C2F1")
-    x = torch.rand(4, 1, 28, 28)
-    cli.model.eval()
-    torch.testing.assert_close(restored.eval().embed(x), cli.model.embed(x))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    for name, value in restored.state_dict().items():
+        torch.testing.assert_close(value, saved[name])
 
 
 def test_load_ranker_refuses_bad_checkpoints(tmp_path):
