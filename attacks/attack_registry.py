@@ -54,6 +54,10 @@ class AttackEntry:
             lowers it towards 0, CA+ / QA+), ``"-"`` (raises it towards 100, CA- / QA-), or
             ``None`` (not part of the score, e.g. ES).
         description: one line for ``--help`` style listings.
+        protocol: ``"gallery"`` (the ECCV protocol: attacked samples are members of X, the
+            gallery holds ``embed`` outputs) or ``"query_database"`` (the hashing / PQ protocol:
+            queries of ``datamodule.query_set`` are attacked, the gallery holds the database's
+            ``encode`` outputs, and the attack receives ``query_labels=``).
     """
 
     name: str
@@ -66,6 +70,7 @@ class AttackEntry:
     clean_metric: str | None = "rank_clean"
     direction: Literal["+", "-"] | None = None
     description: str = ""
+    protocol: Literal["gallery", "query_database"] = "gallery"
 
     @property
     def allowed_keys(self) -> frozenset[str]:
@@ -117,8 +122,11 @@ class AttackRegistry:
         clean_metric: str | None = None,
         direction: Literal["+", "-"] | None = None,
         description: str = "",
+        protocol: Literal["gallery", "query_database"] = "gallery",
     ) -> AttackEntry:
         """Register ``name``; ``options`` are added to :data:`COMMON_OPTIONS`."""
+        if protocol not in ("gallery", "query_database"):
+            raise ValueError(f"attack {name!r}: protocol must be 'gallery' or 'query_database', got {protocol!r}")
         return self.add(AttackEntry(
             name=name,
             factory=factory,
@@ -130,6 +138,7 @@ class AttackRegistry:
             clean_metric=clean_metric,
             direction=direction,
             description=description,
+            protocol=protocol,
         ))
 
     def unregister(self, name: str) -> None:

@@ -241,8 +241,14 @@ class RobustnessEvaluator:
         """Raise :class:`attacks.suite.SuiteError` if the suite cannot run on this gallery."""
         self.suite.check_gallery(gallery_size, self.registry)
 
-    def plan(self, model: nn.Module) -> tuple[list[AttackConfig], list[SkippedAttack]]:
-        """The configurations to run on ``model`` and the specs skipped as not applicable."""
+    def plan(
+        self, model: nn.Module, query_database: bool = False
+    ) -> tuple[list[AttackConfig], list[SkippedAttack]]:
+        """The configurations to run on ``model`` and the specs skipped as not applicable.
+
+        ``query_database``: whether a query set and a database are available (attacks of the
+        query / database protocol are skipped, and reported, without them).
+        """
         capabilities = set(getattr(model, "capabilities", set()) or set())
         configs: list[AttackConfig] = []
         skipped: list[SkippedAttack] = []
@@ -250,6 +256,8 @@ class RobustnessEvaluator:
             entry = self.registry.get(spec.attack)
             missing = set(entry.needs) - capabilities
             reason = f"not applicable: needs {', '.join(sorted(missing))}" if missing else None
+            if reason is None and entry.protocol == "query_database" and not query_database:
+                reason = "not applicable: needs a query / database split (data protocol: query_database)"
             if reason is None:
                 # The attack class may declare needs of its own (Attack.needs).
                 probe = entry.build(spec.epsilons[0], spec.sizes[0] if spec.sizes else None, self.suite.seed,
@@ -278,8 +286,14 @@ class RobustnessEvaluator:
         embed_batch_size: int = 500,
         device: torch.device | str | None = None,
         on_result: Callable[[ConfigResult], None] | None = None,
+        query_set: Dataset | None = None,
+        database_set: Dataset | None = None,
     ) -> RobustnessResults:
         """Evaluate ``model`` on the gallery ``dataset`` (items ``(image, label, index)``).
+
+        Attacks of the query / database protocol (PQ-AG, SDHA, ...) attack the first T of a
+        seeded permutation of ``query_set`` against ``database_set`` encoded once with
+        ``model.encode``; without both sets they are skipped and reported.
 
         Args:
             model: a ranker (``embed`` / ``distance``; ``encode`` / ``code_distance`` if present).
@@ -288,11 +302,16 @@ class RobustnessEvaluator:
             embed_batch_size: images per forward when embedding the gallery.
             device: where to run (default: the model's device).
             on_result: called on rank 0 after each configuration (e.g. partial reports).
+            query_set, database_set: the query / database split (``datamodule.query_set`` /
+                ``database_set`` with ``protocol="query_database"``).
         """
         dist = collectives or Collectives()
         n = len(dataset)  # type: ignore[arg-type]
         self.check(n)
-        configs, skipped = self.plan(model)
+        has_split = query_set is not None and database_set is not None
+        configs, skipped = self.plan(model, query_database=has_split)
+        split_configs = [c for c in configs if self.registry.get(c.attack).protocol == "query_database"]
+        configs = [c for c in configs if self.registry.get(c.attack).protocol != "query_database"]
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         device = torch.device(device)
@@ -310,6 +329,15 @@ class RobustnessEvaluator:
             attacked = self.attacked_indices(n)
             results, examples = self._run_attacks(
                 model, dataset, gallery, attacked, configs, dist, device, on_result)
+            if split_configs:
+                # The database as the retrieval index stores it (hard PQ codes, sign codes ...).
+                database, _ = self._embed_gallery(
+                    model, database_set, dist, embed_batch_size, device, represent=model.encode)
+                split_results, split_examples = self._run_attacks(
+                    model, query_set, database, self.attacked_indices(len(query_set)), split_configs, dist,
+                    device, on_result, pass_labels=True)
+                results += split_results
+                examples.update(split_examples)
         return RobustnessResults(
             suite=self.suite,
             results=results,
@@ -327,9 +355,19 @@ class RobustnessEvaluator:
         )
 
     def _embed_gallery(
-        self, model: nn.Module, dataset: Dataset, dist: Collectives, batch_size: int, device: torch.device
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        dist: Collectives,
+        batch_size: int,
+        device: torch.device,
+        represent: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Gallery, Tensor | None]:
-        """Embed X once: each rank its padded shard, gathered, de-duplicated, sorted by index."""
+        """Embed X once: each rank its padded shard, gathered, de-duplicated, sorted by index.
+
+        ``represent`` replaces ``model.embed`` (e.g. ``model.encode`` for a database); the
+        second, ``encode`` pass for the clean metrics is then skipped.
+        """
         n = len(dataset)  # type: ignore[arg-type]
         sampler = None
         if dist.world_size > 1:
@@ -338,13 +376,14 @@ class RobustnessEvaluator:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                             collate_fn=collate_retrieval_batch)
         # encode() differs from embed() only for PQ / hashing rankers: skip the second pass otherwise.
-        separate_codes = self.clean_metrics and _overrides(model, "encode")
+        separate_codes = represent is None and self.clean_metrics and _overrides(model, "encode")
+        represent = represent or model.embed
         embeddings, codes, labels, indices = [], [], [], []
         width = min(batch_size, n)
         for images, batch_labels, batch_indices in loader:
             b = images.shape[0]
             images = _pad_to(images.to(device), width)  # fixed shapes: see _pad_to
-            embeddings.append(model.embed(images)[:b])
+            embeddings.append(represent(images)[:b])
             if separate_codes:
                 codes.append(model.encode(images)[:b])
             labels.append(batch_labels.to(device))
@@ -387,6 +426,7 @@ class RobustnessEvaluator:
         dist: Collectives,
         device: torch.device,
         on_result: Callable[[ConfigResult], None] | None,
+        pass_labels: bool = False,
     ) -> tuple[list[ConfigResult], dict[str, AttackExample]]:
         local = attacked[dist.rank :: dist.world_size]  # rank r: every W-th attacked sample
         width = math.ceil(attacked.numel() / dist.world_size)  # equal shapes for all_gather
@@ -412,12 +452,17 @@ class RobustnessEvaluator:
                 keep = self.keep_examples if (dist.is_main and position in example_positions) else 0
                 start = time.perf_counter()
                 values = {key: [] for key in entry.metrics}
-                for images, _, indices in self._batches(dataset, local, batch_size):
+                for images, labels, indices in self._batches(dataset, local, batch_size):
                     b = images.shape[0]
+                    kwargs = {"query_labels": _pad_to(labels.to(device), width_b)} if pass_labels else {}
                     out = attack(model, gallery, _pad_to(images.to(device), width_b),
-                                 _pad_to(indices.to(device), width_b))
+                                 _pad_to(indices.to(device), width_b), **kwargs)
                     for key in entry.metrics:
-                        values[key].append(out.metrics[key][:b].detach().to(torch.float64))
+                        # A metric the attack does not produce on this model (e.g. SDC AP on a
+                        # ranker without codebooks) is reported as missing (NaN), not a crash.
+                        value = out.metrics.get(key)
+                        value = torch.full((b,), math.nan, device=device) if value is None else value[:b]
+                        values[key].append(value.detach().to(torch.float64))
                     if keep and config.attack not in examples:
                         examples[config.attack] = AttackExample(
                             config.attack, config.eps, config.size_key, config.size, indices[:keep].cpu(),

@@ -95,13 +95,22 @@ class SDHAAttack(HashingAttack):
         return {**super().hparams, "lagrange": self.lagrange, "sigma": self.sigma, "z": self.z,
                 "betas": list(self.betas)}
 
+    def prepare(self, ctx: HashingContext) -> dict[str, Tensor]:
+        # A trained hashing model maps the database onto few distinct codes, and the objective
+        # depends on an item only through its code: sum over the distinct codes, each weighted
+        # by how many relevant items carry it (exact; ~N / #codes times fewer operations).
+        unique, inverse = torch.unique(ctx.codes, dim=0, return_inverse=True)
+        counts = torch.zeros(ctx.relevant.shape[0], unique.shape[0], device=unique.device)
+        counts.index_add_(1, inverse, ctx.relevant.to(counts.dtype))
+        return {"unique_codes": unique, "relevant_counts": counts}
+
     def objective(self, f: Tensor, signs: Tensor, delta: Tensor, ctx: HashingContext, rows: Tensor,
                   consts: dict[str, Tensor]) -> Tensor:
-        relevant = ctx.relevant[rows]
+        codes, counts = consts["unique_codes"], consts["relevant_counts"][rows]
         exponent = -self.z if self.targeted else self.z
-        weights = ap_weights(hamming_distance(signs, ctx.codes), exponent) * relevant  # Eq. 5, no gradient
-        surrogate = weighted_surrogate_sum(f, ctx.codes, weights, self.sigma, self.targeted)
-        f_value = surrogate / relevant.sum(1).clamp_min(1)  # Eq. 6 / 7 (sign below)
+        weights = ap_weights(hamming_distance(signs, codes), exponent) * counts  # Eq. 5, no gradient
+        surrogate = weighted_surrogate_sum(f, codes, weights, self.sigma, self.targeted)
+        f_value = surrogate / counts.sum(1).clamp_min(1)  # Eq. 6 / 7 (sign below)
         if not self.targeted:
             f_value = -f_value
         alpha = self.lagrange / f.shape[1]

@@ -160,12 +160,17 @@ class RobustnessEvaluation(pl.Callback):
                 meta = {"stage": stage, "epoch": trainer.current_epoch}
                 write_atomic(self.partial_report, Report.partial_json(self.suite, finished, meta))
 
+        datamodule = trainer.datamodule
+        # Query / database attacks (PQ-AG, SDHA ...) run when the data has that split.
+        split = getattr(datamodule, "protocol", None) == "query_database"
         results = self.evaluator.run(
             pl_module,
             dataset,
             collectives=StrategyCollectives(trainer),
-            embed_batch_size=int(getattr(trainer.datamodule, "eval_batch_size", 500)),
+            embed_batch_size=int(getattr(datamodule, "eval_batch_size", 500)),
             on_result=on_result,
+            query_set=getattr(datamodule, "query_set", None) if split else None,
+            database_set=getattr(datamodule, "database_set", None) if split else None,
         )
         self.last_results = results
         self.history.append((stage, trainer.current_epoch))

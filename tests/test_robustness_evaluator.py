@@ -269,3 +269,50 @@ def test_report_layout_and_json(full_run):
     side_by_side = Report.comparison_markdown([report, report])
     assert "| **x/last**, R@1 = " in side_by_side and "| **x/last (2)**, R@1 = " in side_by_side
     assert side_by_side.count("| 0 | ") == 3  # a clean row per block in the rank table, one in the SP table
+
+
+class _QueryDatabaseProbe(MaxShiftAttack):
+    """A query / database attack stand-in that records what the engine hands it."""
+
+    seen: list = []
+
+    def __call__(self, model, gallery, images, sample_indices, *, query_labels=None):
+        out = super().__call__(model, gallery, images, sample_indices)
+        _QueryDatabaseProbe.seen.append((len(gallery), query_labels.clone(), sample_indices.clone()))
+        # "AP" stand-in: the fraction of the database sharing the query's label.
+        same = (gallery.labels[None, :] == query_labels[:, None]).double().mean(1)
+        out.metrics.update({"ap": same, "ap_clean": same})
+        return out
+
+
+def test_query_database_attacks_run_on_the_split_and_are_skipped_without_it(tiny_ranker):
+    from data import SyntheticDataModule
+
+    registry = AttackRegistry(list(ATTACKS))
+    registry.register("QD-probe", lambda eps, size, seed, **o: _QueryDatabaseProbe(eps, seed=seed, steps=2),
+                      metric="ap", metrics=("ap", "ap_clean", "shift"), clean_metric="ap_clean",
+                      protocol="query_database")
+    suite = make_suite([{"attack": "QD-probe", "epsilons": [0.1]}, {"attack": "ES", "epsilons": [0.1], "steps": 2}],
+                       num_samples=6, batch_size=4, registry=registry)
+    evaluator = RobustnessEvaluator(suite, registry=registry, progress=False)
+
+    without = evaluator.run(tiny_ranker.model, tiny_ranker.datamodule.eval_set)
+    assert [r.attack for r in without.results] == ["ES"]
+    assert without.skipped[0].attack == "QD-probe" and "query / database" in without.skipped[0].reason
+
+    dm = SyntheticDataModule(test_per_class=25, protocol="query_database", num_queries=20, database="test_rest")
+    dm.setup()
+    _QueryDatabaseProbe.seen.clear()
+    results = evaluator.run(tiny_ranker.model, dm.eval_set, query_set=dm.query_set, database_set=dm.database_set)
+    assert [r.attack for r in results.results] == ["ES", "QD-probe"]
+    probe = results.find("QD-probe", 0.1)
+    assert probe.count == 6 and probe.metric == "ap"
+    # The probe saw the database (80 items), the attacked queries' own labels, query-set indices.
+    sizes, labels, indices = zip(*_QueryDatabaseProbe.seen)
+    assert set(sizes) == {len(dm.database_set)}
+    indices, labels = torch.cat(indices), torch.cat(labels)
+    assert torch.equal(labels, dm.query_set.labels[indices])
+    assert set(indices.tolist()) == set(evaluator.attacked_indices(len(dm.query_set)).tolist())
+    attacked_labels = dm.query_set.labels[evaluator.attacked_indices(len(dm.query_set))]
+    expected = (dm.database_set.labels[None, :] == attacked_labels[:, None]).double().mean(1).mean()
+    assert probe.mean == pytest.approx(float(expected), abs=1e-12)

@@ -18,6 +18,7 @@ from attacks import (
     QueryAttack,
     SDHAAttack,
 )
+from attacks.hashing_attack import HashingContext
 from attacks.surrogate_hamming import ap_weights, surrogate_hamming, weighted_surrogate_sum
 from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
@@ -129,6 +130,28 @@ def test_ap_weights():
     torch.testing.assert_close(ap_weights(d, 0.5), torch.tensor([[2**0.5, 1.0, 0.5]]))
     torch.testing.assert_close(ap_weights(d, -0.3), torch.tensor([[0.5**0.3, 1.0, 4**0.3]]))
     assert torch.equal(ap_weights(d, 0.0), torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_sdha_objective_is_eq_1_over_every_relevant_item(targeted):
+    """The distinct-code aggregation inside SDHA equals Eq. (1) with Eq. (6) / (7) summed item by item."""
+    g = torch.Generator().manual_seed(2)
+    protos = sign_codes(torch.randn(5, 16, generator=g))
+    codes = protos[torch.randint(0, 5, (60,), generator=g)]
+    labels = torch.randint(0, 3, (60,), generator=g)
+    goal = torch.tensor([0, 1, 2])
+    relevant = labels[None] == goal[:, None]
+    f = torch.tanh(torch.randn(3, 16, generator=g))
+    delta = torch.randn(3, 1, 4, 4, generator=g)
+    ctx = HashingContext(codes, relevant, None, sign_codes(f), goal, torch.arange(3))
+    attack = SDHAAttack(targeted, 1 if targeted else None, lagrange=30.0)
+    got = attack.objective(f, sign_codes(f), delta, ctx, torch.arange(3), attack.prepare(ctx))
+    exponent = -attack.z if targeted else attack.z
+    w = ap_weights(hamming_distance(sign_codes(f), codes), exponent)
+    d = reference_surrogate(f, codes, attack.sigma, targeted)
+    f_value = (w * d * relevant).sum(1) / relevant.sum(1)
+    expected = delta.flatten(1).norm(dim=1) + 30.0 / 16 * (f_value if targeted else -f_value)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- attacks
