@@ -69,3 +69,13 @@ from retrieval.pq_search import adc_distance, decode_codes, sdc_distance, sdc_ta
 
 __all__ += ["PQIndex", "adc_distance", "decode_codes", "faiss_pq_supported", "pack_pq_codes", "sdc_distance",
             "sdc_table"]
+
+# Query / database metrics of the hashing and quantization literature
+from retrieval.topk_metrics import (  # noqa: E402
+    average_precision_at_topk,
+    evaluate_query_database,
+    map_at_topk,
+    precision_recall_at_cutoffs,
+)
+
+__all__ += ["average_precision_at_topk", "evaluate_query_database", "map_at_topk", "precision_recall_at_cutoffs"]
