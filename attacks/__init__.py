@@ -89,3 +89,6 @@ from attacks.hashing_attack import HashingAttack, HashingAttackResult  # noqa: E
 from attacks.sdha_attack import SDHAAttack  # noqa: E402
 
 __all__ += ["AttackTrace", "DHTAAttack", "HAGAttack", "HashingAttack", "HashingAttackResult", "SDHAAttack"]
+from attacks.hashing_registry import register_hashing_attacks  # noqa: E402  (registers SDHA, HAG, DHTA ...)
+
+__all__ += ["register_hashing_attacks"]

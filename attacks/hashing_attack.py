@@ -16,22 +16,24 @@ left out of its ranking and of its relevant set.
 Every attack here runs the same loop (batched over queries, no per-sample Python loop), inside
 the :class:`attacks.Attack` lifecycle (eval mode, frozen parameters, grad enabled):
 
-1. one forward ``g = model.hash_logits(q + delta)`` of the still-active queries gives both the
+1. one forward ``g = model.hash_logits(q + delta)`` of the batch of queries gives both the
    binary code ``sgn(g)`` (for the AP check and the AP weights) and the relaxed code
    ``f = tanh(gamma_t * g)`` with the schedule of Sec. 5.1 ("gamma = 0.1 for the first half of
    the iterations, then 0.2, 0.3, 0.5, 0.7, 1.0 for every 10% increment");
-2. every ``check_every`` iterations (and after the last) the AP@topk of each active query is
+2. every ``check_every`` iterations (and after the last) the AP@topk of each query is
    measured against the database (Hamming distance, ties by database index); a query whose
-   AP reached its bound (0 untargeted, 1 targeted; Sec. 4.4) stops: its perturbation is frozen
-   and it leaves the batch, so later iterations cost less;
+   AP reached its bound (0 untargeted, 1 targeted; Sec. 4.4) stops: its perturbation and
+   optimizer state are frozen (masked). The batch keeps its shape (fixed-shape kernels keep a
+   query's numbers independent of the others), and the loop ends when every query stopped;
 3. one backward of the attack's per-query objective, and the attack's own optimizer step
-   (SDHA: Adam, HAG: SGD with momentum, DHTA: sign steps), projected onto
-   ``||delta||_inf <= eps`` and ``q + delta in [0, 1]``.
+   (SDHA: Adam, HAG: SGD with momentum, DHTA: sign steps) on the running queries, projected
+   onto ``||delta||_inf <= eps`` and ``q + delta in [0, 1]``.
 
 Per-query metrics (``AttackResult.metrics``, ``[B]`` each): ``ap`` (final), ``ap_clean``,
 ``l2`` (final perturbation norm), ``l2_at_target`` (l2 at the first check where the query's AP
-reached its bound; ``inf`` if never), ``iterations`` (update steps taken). The AP is measured
-w.r.t. the query's label (untargeted) or the target label (targeted). The per-check
+reached its bound; NaN if never, so a mean over queries is the mean over the successful
+ones), ``success`` (1 if the bound was reached), ``iterations`` (update steps taken). The AP is
+measured w.r.t. the query's label (untargeted) or the target label (targeted). The per-check
 trajectories are in :attr:`HashingAttackResult.trace` (see :mod:`attacks.attack_trace` for the
 dataset-level "l2 at a preset mAP" and "mAP at an l2 budget").
 
@@ -230,10 +232,11 @@ class HashingAttack(Attack):
 
     def objective(self, f: Tensor, signs: Tensor, delta: Tensor, ctx: HashingContext, rows: Tensor,
                   consts: dict[str, Tensor]) -> Tensor:
-        """Per-query loss ``[b]`` to minimize, for the active rows ``rows`` of the batch.
+        """Per-query loss ``[b]`` to minimize, for the rows ``rows`` of the batch.
 
         ``f [b, K]`` relaxed codes ``tanh(gamma g)``; ``signs [b, K]`` their sign codes (no
-        gradient); ``delta [b, ...]`` the perturbations (with gradient).
+        gradient); ``delta [b, ...]`` the perturbations (with gradient). Per-query tensors of
+        ``ctx`` and ``consts`` are indexed with ``rows``.
         """
         raise NotImplementedError
 
@@ -292,54 +295,55 @@ class HashingAttack(Attack):
         checks = list(range(0, self.steps, self.check_every)) + [self.steps]
         ap_trace = torch.zeros(batch, len(checks), device=images.device)
         l2_trace = torch.zeros_like(ap_trace)
-        l2_at_target = torch.full((batch,), math.inf, device=images.device)
+        l2_at_target = torch.full((batch,), math.nan, device=images.device)
         iterations = torch.full((batch,), self.steps, dtype=torch.long, device=images.device)
         active = torch.ones(batch, dtype=torch.bool, device=images.device)
+        every = torch.arange(batch, device=images.device)
         column = 0
         for step in range(self.steps + 1):
-            rows = torch.nonzero(active).flatten()
-            if rows.numel() == 0:
+            if not bool(active.any()):
                 break
-            d = delta[rows].requires_grad_(step < self.steps)
-            logits = model.hash_logits(images[rows] + d)
+            # The whole batch goes through the model every iteration, stopped queries masked:
+            # fixed shapes keep each query's numbers independent of which others are still
+            # running (batch-size dependent kernels), so results do not depend on batching.
+            d = delta.clone().requires_grad_(step < self.steps)
+            logits = model.hash_logits(images + d)
             signs = sign_codes(logits.detach())
-            keep = torch.ones_like(rows, dtype=torch.bool)
             if step == checks[column]:
                 with torch.no_grad():
-                    ap = self.average_precision(signs, ctx, rows)
+                    ap = self.average_precision(signs, ctx, every)
+                    ap_trace[:, column] = torch.where(active, ap, ap_trace[:, column - 1] if column else ap)
                     l2 = torch.linalg.vector_norm(delta.flatten(1), dim=1)
-                    if column > 0:  # stopped queries keep their last values
-                        ap_trace[:, column] = ap_trace[:, column - 1]
-                    ap_trace[rows, column] = ap
                     l2_trace[:, column] = l2
-                    reached = self._reached(ap)
-                    first = reached & torch.isinf(l2_at_target[rows])
-                    l2_at_target[rows[first]] = l2[rows[first]]
+                    reached = active & self._reached(ap)
+                    first = reached & torch.isnan(l2_at_target)
+                    l2_at_target[first] = l2[first]
                     if self.early_stop:
-                        done = reached | self.finished(signs, ctx, rows)
-                        keep = ~done
-                        active[rows[done]] = False
-                        iterations[rows[done]] = step
+                        done = active & (reached | self.finished(signs, ctx, every))
+                        active &= ~done
+                        iterations[done] = step
                 column += 1
-            if step == self.steps or not bool(keep.any()):
+            if step == self.steps or not bool(active.any()):
                 continue
             f = torch.tanh(self.tanh_scale(step) * logits)
-            loss = self.objective(f, signs, d, ctx, rows, consts)
-            (grad,) = torch.autograd.grad(loss[keep].sum(), d)
-            rows_k = rows[keep]
+            loss = self.objective(f, signs, d, ctx, every, consts)
+            (grad,) = torch.autograd.grad(loss[active].sum(), d)
+            rows = torch.nonzero(active).flatten()
             with torch.no_grad():
-                new = self.update(delta[rows_k], grad[keep], opt_state, rows_k, step)
-                x = images[rows_k]
-                delta[rows_k] = project_linf(x + new, x, self.eps) - x
+                new = self.update(delta[rows], grad[rows], opt_state, rows, step)
+                x = images[rows]
+                delta[rows] = project_linf(x + new, x, self.eps) - x
         if column < len(checks):  # everyone stopped early: carry the last values forward
             ap_trace[:, column:] = ap_trace[:, column - 1 : column]
             l2_trace[:, column:] = l2_trace[:, column - 1 : column]
         adversarial = (images + delta).clamp(0.0, 1.0).detach()
+        final_ap = ap_trace[:, -1].clone()
         metrics = {
-            "ap": ap_trace[:, -1].clone(),
+            "ap": final_ap,
             "ap_clean": ap_trace[:, 0].clone(),
             "l2": torch.linalg.vector_norm((adversarial - images).flatten(1), dim=1),
             "l2_at_target": l2_at_target,
+            "success": (~torch.isnan(l2_at_target)).float(),
             "iterations": iterations.float(),
         }
         trace = AttackTrace(torch.tensor(checks), ap_trace.cpu(), l2_trace.cpu(), self.targeted)

@@ -1,0 +1,118 @@
+"""The hashing attacks through the evaluation engine: registry, query / database protocol, world size 2 = 1."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from attacks import ATTACKS, Collectives, RobustnessEvaluator, Suite, SuiteError
+from data import SyntheticDataModule
+from lightning_modules import DCHLoss, DCHRanker, LeNet
+
+SUITE = {
+    "name": "sdha_test", "num_samples": 10, "seed": 0, "batch_size": 4,
+    "attacks": [
+        {"attack": "SDHA", "epsilons": [0.3], "steps": 20, "check_every": 5, "lagrange": 100, "topk": 16},
+        {"attack": "HAG", "epsilons": [0.3], "steps": 20, "check_every": 5, "topk": 16},
+        {"attack": "SDHA-T", "epsilons": [0.3], "steps": 20, "check_every": 5, "lagrange": 100, "topk": 16,
+         "target_label": "random"},
+        {"attack": "DHTA", "epsilons": [0.3], "steps": 20, "check_every": 5, "alpha": 0.01, "topk": 16,
+         "target_label": "random"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def dch_split():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dm = SyntheticDataModule(protocol="query_database", num_queries=16, test_per_class=8, seed=0)
+        dm.setup()
+        torch.manual_seed(0)
+        model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(), hash_bits=16)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(3):
+            for x, y, _ in dm.train_dataloader():
+                loss = model.compute_loss(model.embed(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return model.eval(), dm
+    finally:
+        torch.set_num_threads(previous)
+
+
+def evaluate(model, dm, collectives=None):
+    torch.set_num_threads(1)
+    evaluator = RobustnessEvaluator(Suite.from_dict(SUITE), progress=False)
+    return evaluator.run(model, dm.eval_set, collectives=collectives, embed_batch_size=32,
+                         query_set=dm.query_set, database_set=dm.database_set)
+
+
+def test_registered_names_and_suite_errors():
+    for name in ("SDHA", "SDHA-UW", "HAG", "SDHA-T", "SDHA-UW-T", "DHTA"):
+        entry = ATTACKS.get(name)
+        assert entry.protocol == "query_database" and entry.needs == {"hash_bits"} and entry.metric == "ap"
+    targeted_without_label = {**SUITE, "attacks": [{"attack": "SDHA-T", "epsilons": [0.039]}]}
+    with pytest.raises(SuiteError, match="needs target_label"):
+        Suite.from_dict(targeted_without_label)
+    with pytest.raises(SuiteError, match="random_start must be false"):
+        Suite.from_dict({**SUITE, "attacks": [{"attack": "HAG", "epsilons": [0.039], "random_start": True}]})
+
+
+def test_engine_runs_the_hashing_attacks_on_the_query_database_split(dch_split):
+    model, dm = dch_split
+    results = evaluate(model, dm)
+    by_name = {r.attack: r for r in results.results if r.metric == "ap"}
+    assert set(by_name) == {"SDHA", "HAG", "SDHA-T", "DHTA"}
+    for name in ("SDHA", "HAG"):
+        assert by_name[name].mean < by_name[name].clean and by_name[name].count == 10
+    for name in ("SDHA-T", "DHTA"):
+        assert by_name[name].mean > by_name[name].clean
+    assert {"l2", "l2_at_target", "success", "iterations"} <= set(by_name["SDHA"].extra)
+
+
+class _ThreadCollectives(Collectives):
+    """One rank of a world simulated by threads: a barrier-synchronized all_gather."""
+
+    def __init__(self, rank: int, slots: list, barrier: threading.Barrier) -> None:
+        self.rank, self.world_size, self.slots, self.sync = rank, len(slots), slots, barrier
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.sync.wait()
+        self.slots[self.rank] = tensor.clone()
+        self.sync.wait()
+        out = torch.stack(list(self.slots))
+        self.sync.wait()  # everyone has read before the next call overwrites
+        return out
+
+    def barrier(self) -> None:
+        self.sync.wait()
+
+
+def test_world_size_two_gives_the_single_process_numbers(dch_split):
+    model, dm = dch_split
+    single = evaluate(model, dm)
+    slots, barrier, outputs, errors = [None, None], threading.Barrier(2), {}, []
+
+    def rank_main(rank: int) -> None:
+        try:
+            outputs[rank] = evaluate(copy.deepcopy(model), dm, _ThreadCollectives(rank, slots, barrier))
+        except BaseException as err:  # noqa: BLE001 - surfaced below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for rank in (0, 1):
+        for a, b in zip(single.results, outputs[rank].results, strict=True):
+            assert (a.attack, a.mean, a.clean, a.count) == (b.attack, b.mean, b.clean, b.count), rank
+            assert a.extra == pytest.approx(b.extra, nan_ok=True)
