@@ -92,3 +92,25 @@ __all__ += ["AttackTrace", "DHTAAttack", "HAGAttack", "HashingAttack", "HashingA
 from attacks.hashing_registry import register_hashing_attacks  # noqa: E402  (registers SDHA, HAG, DHTA ...)
 
 __all__ += ["register_hashing_attacks"]
+
+# Universal perturbations (I-CA / I-QA, UAP-IR) and transfer attacks (docs/universal.md)
+from attacks.transfer import TransferResult, transfer_attack, transfer_markdown, transfer_matrix  # noqa: E402
+from attacks.uap_retrieval import UAPRetrieval, UAPRetrievalResult, resize_perturbation  # noqa: E402
+from attacks.universal_ranking_attack import (  # noqa: E402
+    UniversalRankingAttack,
+    UniversalRankingResult,
+    fit_unseen_split,
+)
+
+__all__ += [
+    "TransferResult",
+    "UAPRetrieval",
+    "UAPRetrievalResult",
+    "UniversalRankingAttack",
+    "UniversalRankingResult",
+    "fit_unseen_split",
+    "resize_perturbation",
+    "transfer_attack",
+    "transfer_markdown",
+    "transfer_matrix",
+]

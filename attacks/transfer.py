@@ -1,0 +1,150 @@
+"""Transfer (black-box) ranking attacks, ECCV 2020 Sec. 5.1 / Table 5.
+
+Zhou et al., "Adversarial Ranking Attack and Defense", ECCV 2020, Table 5: adversarial
+candidates (CA) / queries (QA) are crafted white-box on a *source* model and used unchanged
+against *target* models; "we report the rank of the same c with respect to the same q across
+different models". So a target's number is recomputed from scratch with the target's own
+embeddings: the same adversarial images, the same targets Q / C (indices into X), the target
+model's embedding of X as the gallery, and the normalized rank of Sec. 4 with the same
+exclusions as the white-box attacks (:mod:`attacks.ranks`). The diagonal (source = target)
+equals the white-box attack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from attacks.attack import frozen_eval
+from attacks.candidate_attack import CandidateAttack
+from attacks.gallery import Gallery
+from attacks.query_attack import QueryAttack
+from attacks.ranks import normalized_rank, self_and_target_mask
+
+__all__ = ["TransferResult", "embed_all", "measure_on", "transfer_attack", "transfer_matrix", "transfer_markdown"]
+
+
+@torch.no_grad()
+def embed_all(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """``model.embed`` of ``images`` in batches, in eval mode (state restored)."""
+    with frozen_eval(model):
+        return torch.cat([model.embed(images[s : s + batch_size]) for s in range(0, images.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def measure_on(
+    model: nn.Module,
+    attack: CandidateAttack | QueryAttack,
+    gallery: Gallery,
+    images: Tensor,
+    sample_indices: Tensor,
+    targets: Tensor,
+    batch_size: int = 256,
+) -> Tensor:
+    """Per-sample normalized rank (percent) of ``images`` on ``model`` for the given targets.
+
+    CA: ``mean_{q in Q} R(q, c~)`` with ``c~ = images`` and ``Q = targets``; QA:
+    ``mean_{c in C} R(q~, c)`` with ``q~ = images`` and ``C = targets``. ``gallery`` holds
+    ``model``'s own clean embeddings of X.
+    """
+    n = len(gallery)
+    emb = embed_all(model, images, batch_size)  # [B, D]
+    sample_indices, targets = sample_indices.to(emb.device), targets.to(emb.device)
+    if isinstance(attack, CandidateAttack):
+        q_emb = gallery.embeddings[targets]  # [B, w, D]
+        d_qx = model.distance(q_emb, gallery.embeddings)  # [B, w, N]
+        d_qc = model.distance(q_emb, emb[:, None, :]).squeeze(-1)  # [B, w]
+        return normalized_rank(d_qc, d_qx, self_and_target_mask(targets, sample_indices, n)).mean(-1)
+    d_x = model.distance(emb[:, None, :], gallery.embeddings).squeeze(1)  # [B, N]
+    excluded = self_and_target_mask(sample_indices, targets, n)
+    return normalized_rank(d_x.gather(1, targets), d_x[:, None, :], excluded).mean(-1)
+
+
+@dataclass
+class TransferResult:
+    """Adversarial examples crafted on a source model and measured on each target.
+
+    Attributes:
+        adversarial: ``[B, C, H, W]`` images crafted on the source.
+        targets: ``[B, k]`` the source attack's targets (Q for CA, C for QA).
+        rank / rank_clean: target name -> ``[B]`` normalized ranks (percent) of the adversarial
+            / clean images on that target.
+    """
+
+    adversarial: Tensor
+    targets: Tensor
+    rank: dict[str, Tensor]
+    rank_clean: dict[str, Tensor]
+
+
+def transfer_attack(
+    source_model: nn.Module,
+    target_models: Mapping[str, nn.Module],
+    attack: CandidateAttack | QueryAttack,
+    gallery_images: Tensor,
+    gallery_labels: Tensor,
+    sample_indices: Tensor,
+    batch_size: int = 256,
+) -> TransferResult:
+    """Craft ``attack`` on ``source_model`` for the X members ``sample_indices``, measure on every target.
+
+    Args:
+        gallery_images: ``[N, C, H, W]`` the whole X (each model embeds it itself).
+        gallery_labels: ``[N]``.
+        sample_indices: ``[B]`` attacked candidates (CA) / queries (QA), indices into X.
+    """
+    if not isinstance(attack, (CandidateAttack, QueryAttack)):
+        raise ValueError(f"transfer measures normalized ranks: needs a CandidateAttack or QueryAttack, "
+                         f"got {type(attack).__name__}")
+    if not target_models:
+        raise ValueError("target_models must name at least one model")
+    sample_indices = torch.as_tensor(sample_indices).long()
+    source_gallery = Gallery(embed_all(source_model, gallery_images, batch_size), gallery_labels)
+    images = gallery_images[sample_indices]
+    adversarial, targets = [], []
+    for s in range(0, len(sample_indices), batch_size):  # batches of independent instances
+        res = attack(source_model, source_gallery, images[s : s + batch_size], sample_indices[s : s + batch_size])
+        adversarial.append(res.adversarial.detach())
+        targets.append(res.targets)
+    adv, tgt = torch.cat(adversarial), torch.cat(targets)
+    rank, rank_clean = {}, {}
+    for name, model in target_models.items():
+        gallery = Gallery(embed_all(model, gallery_images, batch_size), gallery_labels)
+        rank[name] = measure_on(model, attack, gallery, adv, sample_indices, tgt, batch_size)
+        rank_clean[name] = measure_on(model, attack, gallery, images, sample_indices, tgt, batch_size)
+    return TransferResult(adv, tgt, rank, rank_clean)
+
+
+def transfer_matrix(
+    models: Mapping[str, nn.Module],
+    attack: CandidateAttack | QueryAttack,
+    gallery_images: Tensor,
+    gallery_labels: Tensor,
+    sample_indices: Tensor,
+    batch_size: int = 256,
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Table 5: ``matrix[from][to] = (mean clean rank, mean adversarial rank)`` on ``to``."""
+    return {
+        src: {
+            tgt: (float(res.rank_clean[tgt].mean()), float(res.rank[tgt].mean()))
+            for tgt in models
+        }
+        for src, res in (
+            (src, transfer_attack(model, models, attack, gallery_images, gallery_labels, sample_indices, batch_size))
+            for src, model in models.items()
+        )
+    }
+
+
+def transfer_markdown(matrix: Mapping[str, Mapping[str, tuple[float, float]]], title: str = "") -> str:
+    """A "From \\ To" Markdown table, cells ``clean→adversarial`` (percent, one decimal)."""
+    targets = list(next(iter(matrix.values())).keys()) if matrix else []
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| From \\ To | " + " | ".join(targets) + " |")
+    lines.append("| --- |" + " --- |" * len(targets))
+    for src, row in matrix.items():
+        lines.append(f"| {src} | " + " | ".join(f"{row[t][0]:.1f}→{row[t][1]:.1f}" for t in targets) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,329 @@
+"""UAP-IR: universal adversarial perturbations against image retrieval (label / pair / list-wise).
+
+Li et al., "Universal Perturbation Attack Against Image Retrieval", ICCV 2019 (ECCV 2020
+ref. [36]), as summarized by the UAP-for-retrieval slides (``uap_image_retrieval_slides.txt``):
+
+- label-wise (baseline, "same as UAP on classification"): ``L = -H(f(x_adv), y_gt)``, the
+  cross-entropy of a classifier is maximized;
+- pair-wise: a triplet loss with positive and negative swapped,
+  ``L = ||f'_i - f_n||^2 - ||f'_i - f_p||^2 + alpha``, with ``f_p`` / ``f_n`` positive /
+  negative *cluster* features (k-means on the gallery features);
+- list-wise: drive the NDCG of the retrieved list to 0, ``DCG = sum_i (2^{y_i} - 1) / log2(i + 1)``;
+- random resizing: the perturbation is resized to each input size, so one r attacks queries
+  of various sizes;
+- metrics: mAP, mP@10 (both lower = stronger attack) and the drop rate
+  ``mDR = (mAP_clean - mAP_adv) / mAP_clean`` (higher = stronger).
+
+Protocol: the attacked images are queries ranked against a database (the :class:`Gallery`);
+when the queries are gallery members (``sample_indices`` given), each query's own entry is
+removed from its ranking, as in the ECCV protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks.attack import _check_nonneg_float, _check_positive_int, autograd_usable, frozen_eval
+from attacks.gallery import Gallery
+from attacks.pgd import check_eps, eccv_step_rules
+from attacks.universal_ranking_attack import ScalarImageLogger, perturbation_image
+from retrieval.topk_metrics import average_precision_at_topk
+
+__all__ = ["UAPRetrieval", "UAPRetrievalResult", "resize_perturbation", "retrieval_metrics"]
+
+Objective = Literal["label", "pair", "list"]
+
+
+def resize_perturbation(r: Tensor, size: Sequence[int], eps: float | None = None) -> Tensor:
+    """``r [C, H, W]`` resized bilinearly to ``size = (H', W')``, then clamped to ``[-eps, eps]``.
+
+    Bilinear interpolation is a convex combination, so it cannot exceed ``||r||_inf``; the clamp
+    guards the budget anyway (and applies a smaller ``eps`` when given). Differentiable in r.
+    """
+    if r.dim() != 3:
+        raise ValueError(f"perturbation must be [C, H, W], got shape {tuple(r.shape)}")
+    size = (int(size[0]), int(size[1]))
+    if min(size) < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    out = r if tuple(r.shape[1:]) == size else F.interpolate(
+        r[None], size=size, mode="bilinear", align_corners=False)[0]
+    return out if eps is None else out.clamp(-eps, eps)
+
+
+def _resize_images(x: Tensor, scale: float) -> Tensor:
+    if scale == 1.0:
+        return x
+    size = (max(1, round(scale * x.shape[-2])), max(1, round(scale * x.shape[-1])))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+
+
+def retrieval_metrics(
+    model: nn.Module, gallery: Gallery, query_embeddings: Tensor, query_labels: Tensor,
+    sample_indices: Tensor | None = None, cutoff: int = 10,
+) -> dict[str, Tensor]:
+    """Per-query AP over the whole ranking and precision at ``cutoff`` -> ``{"ap": [Q], "p@10": [Q]}``.
+
+    Ranking by ``model.distance`` (ties by gallery index, stable); with ``sample_indices`` the
+    query's own gallery entry is dropped from its ranking.
+    """
+    d = model.distance(query_embeddings, gallery.embeddings).float()  # [Q, N]
+    order = torch.sort(d, dim=1, stable=True).indices
+    relevant = gallery.labels.to(order.device)[order] == query_labels.to(order.device)[:, None]
+    if sample_indices is not None:
+        keep = order != sample_indices.to(order.device)[:, None]  # exactly one False per row
+        relevant = relevant[keep].view(order.shape[0], order.shape[1] - 1)
+    k = min(cutoff, relevant.shape[1])
+    return {"ap": average_precision_at_topk(relevant), f"p@{cutoff}": relevant[:, :k].float().mean(1)}
+
+
+@dataclass
+class UAPRetrievalResult:
+    """A fitted UAP-IR perturbation and its effect.
+
+    Attributes:
+        perturbation: the frozen ``r [C, H, W]``.
+        fit / unseen: ``{"mAP_clean", "mAP", "mP@10_clean", "mP@10", "mDR"}`` on each set.
+        history: the objective's mean loss on the fit set after each epoch (lower = stronger).
+    """
+
+    perturbation: Tensor
+    fit: dict[str, float]
+    unseen: dict[str, float] | None = None
+    history: list[float] = field(default_factory=list)
+
+
+class UAPRetrieval:
+    """UAP-IR (Li et al. 2019): one perturbation that corrupts retrieval for any query.
+
+    Schedule: as :class:`attacks.UniversalRankingAttack` -- r = 0; for ``epochs`` epochs, for
+    every batch of ``batch_size`` fit queries (index order): momentum over L1-normalized
+    gradients, signed step ``step``, r clipped to ``[-eps, eps]``, each image clipped to
+    ``[0, 1]``. With ``resize_range = (lo, hi)`` every batch draws a scale ``s ~ U(lo, hi)``
+    (seeded), the query images are resized to ``s * (H, W)`` and r is resized to that size
+    (:func:`resize_perturbation`) -- the slides' "random resizing"; the model must accept the
+    sizes (a backbone with global pooling).
+
+    Objectives (each a per-query loss that is *minimized*):
+
+    - ``"label"``: ``-CE(W f(x + r), y)``. The retrieval models have no classifier, so W is a
+      linear probe trained with Adam for ``probe_steps`` full-batch steps on the clean gallery
+      embeddings and labels (seeded), then frozen -- our stand-in for the "target classifier".
+    - ``"pair"``: ``[d(f', c_n) - d(f', c_p) + margin]_+`` with ``c_p`` the k-means centre
+      nearest to the clean query feature and ``c_n`` the farthest one (the slides do not say
+      which negative; the farthest is the strongest swap). k-means (``num_clusters``,
+      ``kmeans_iters`` Lloyd steps, seeded init) runs on the gallery embeddings; ``d`` is the
+      ranker's own ``distance`` rather than the slides' squared L2, so cosine rankers are
+      attacked in their own geometry.
+    - ``"list"``: NDCG of the clean top-``ndcg_k`` list (relevance = same label as the query,
+      gain ``2^y - 1``), with each item's position replaced by a sigmoid soft rank over the
+      database (temperature ``tau``, in distance units), so it is differentiable.
+      Only the clean top-k items enter (``O(B k N)`` memory instead of ``O(B N^2)``).
+
+    Args:
+        objective: ``"label"`` | ``"pair"`` | ``"list"``.
+        eps: L-inf budget (pixel units).
+        epochs, batch_size, step, momentum: the fit schedule (``step=None`` -> ECCV alpha rule).
+        resize_range: ``(lo, hi)`` scale factors of the random resizing, ``None`` = off.
+        seed: seed of the probe, k-means and resize draws.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        *,
+        eps: float,
+        epochs: int = 10,
+        batch_size: int = 64,
+        step: float | None = None,
+        momentum: float = 0.9,
+        resize_range: tuple[float, float] | None = None,
+        num_clusters: int = 8,
+        kmeans_iters: int = 20,
+        margin: float = 0.1,
+        ndcg_k: int = 10,
+        tau: float = 0.01,
+        probe_steps: int = 100,
+        seed: int = 0,
+    ) -> None:
+        if objective not in ("label", "pair", "list"):
+            raise ValueError(f"objective must be 'label', 'pair' or 'list', got {objective!r}")
+        check_eps(eps)
+        self.objective = objective
+        self.eps = float(eps)
+        self.epochs = _check_positive_int(epochs, "epochs")
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.step = eccv_step_rules(self.eps)[0] if step is None else _check_nonneg_float(step, "step", True)
+        self.momentum = _check_nonneg_float(momentum, "momentum")
+        if self.momentum >= 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if resize_range is not None:
+            lo, hi = (float(v) for v in resize_range)
+            if not 0.0 < lo <= hi or not math.isfinite(hi):
+                raise ValueError(f"resize_range must be (lo, hi) with 0 < lo <= hi, got {resize_range!r}")
+            resize_range = (lo, hi)
+        self.resize_range = resize_range
+        self.num_clusters = _check_positive_int(num_clusters, "num_clusters", minimum=2)
+        self.kmeans_iters = _check_positive_int(kmeans_iters, "kmeans_iters")
+        self.margin = _check_nonneg_float(margin, "margin")
+        self.ndcg_k = _check_positive_int(ndcg_k, "ndcg_k")
+        self.tau = _check_nonneg_float(tau, "tau", strictly_positive=True)
+        self.probe_steps = _check_positive_int(probe_steps, "probe_steps")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+
+    @property
+    def name(self) -> str:
+        return f"UAP-IR/{self.objective}"
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return {"attack": self.name, "eps": self.eps, "epochs": self.epochs, "batch_size": self.batch_size,
+                "step": self.step, "momentum": self.momentum, "resize_range": self.resize_range, "seed": self.seed}
+
+    # ------------------------------------------------------------------ objectives
+    def _probe(self, gallery: Gallery) -> nn.Linear:
+        """Linear classifier on clean gallery embeddings (the label-wise baseline's classifier)."""
+        classes = int(gallery.labels.max()) + 1
+        probe = nn.Linear(gallery.embeddings.shape[1], classes).to(gallery.embeddings)
+        with torch.no_grad():  # zero init: the problem is convex, and no global RNG is touched
+            probe.weight.zero_()
+            probe.bias.zero_()
+        opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+        for _ in range(self.probe_steps):
+            loss = F.cross_entropy(probe(gallery.embeddings), gallery.labels.to(gallery.device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return probe.requires_grad_(False)
+
+    def _kmeans(self, model: nn.Module, emb: Tensor) -> Tensor:
+        """Lloyd k-means with the ranker's distance (centres are means; seeded random init)."""
+        k = min(self.num_clusters, emb.shape[0])
+        g = torch.Generator().manual_seed(self.seed)
+        centres = emb[torch.randperm(emb.shape[0], generator=g)[:k].to(emb.device)]
+        for _ in range(self.kmeans_iters):
+            assign = model.distance(emb, centres).argmin(1)
+            onehot = F.one_hot(assign, k).to(emb.dtype)  # [N, k]
+            counts = onehot.sum(0)
+            means = onehot.T @ emb / counts.clamp_min(1.0)[:, None]
+            centres = torch.where(counts[:, None] > 0, means, centres)  # empty cluster keeps its centre
+        return centres
+
+    def _loss_factory(self, model: nn.Module, gallery: Gallery):
+        """Build ``loss(f_adv [B, D], f_clean [B, D], labels [B]) -> [B]`` for the objective."""
+        if self.objective == "label":
+            probe = self._probe(gallery)
+            return lambda f, f0, y: -F.cross_entropy(probe(f), y, reduction="none")
+        if self.objective == "pair":
+            centres = self._kmeans(model, gallery.embeddings)
+
+            def pair(f: Tensor, f0: Tensor, y: Tensor) -> Tensor:
+                d0 = model.distance(f0, centres)  # [B, k] clean: which cluster is positive / negative
+                pos, neg = d0.argmin(1, keepdim=True), d0.argmax(1, keepdim=True)
+                d = model.distance(f, centres)
+                return torch.relu(d.gather(1, neg) - d.gather(1, pos) + self.margin).squeeze(1)
+
+            return pair
+        k = min(self.ndcg_k, len(gallery))
+        discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=gallery.embeddings.dtype,
+                                                 device=gallery.device))
+
+        def listwise(f: Tensor, f0: Tensor, y: Tensor) -> Tensor:
+            top = model.distance(f0, gallery.embeddings).topk(k, dim=1, largest=False).indices  # [B, k]
+            gain = (gallery.labels.to(y.device)[top] == y[:, None]).to(f.dtype)  # 2^1 - 1 = 1 / 0
+            ideal = (gain.sort(1, descending=True).values * discount).sum(1).clamp_min(1e-12)
+            d = model.distance(f, gallery.embeddings)  # [B, N]
+            d_top = d.gather(1, top)
+            soft_rank = 0.5 + torch.sigmoid((d_top[:, :, None] - d[:, None, :]) / self.tau).sum(-1)  # ~1-based
+            return (gain / torch.log2(1.0 + soft_rank)).sum(1) / ideal  # NDCG, driven to 0
+
+        return listwise
+
+    # ------------------------------------------------------------------------- API
+    def __call__(
+        self,
+        model: nn.Module,
+        gallery: Gallery,
+        fit_images: Tensor,
+        fit_labels: Tensor,
+        unseen_images: Tensor | None = None,
+        unseen_labels: Tensor | None = None,
+        fit_indices: Tensor | None = None,
+        unseen_indices: Tensor | None = None,
+        logger: ScalarImageLogger | None = None,
+    ) -> UAPRetrievalResult:
+        """Fit r on the fit queries, freeze it, measure mAP / mP@10 / mDR on fit and unseen queries."""
+        r, history = self.fit(model, gallery, fit_images, fit_labels, logger=logger)
+        fit = self.evaluate(model, gallery, fit_images, fit_labels, r, sample_indices=fit_indices)
+        unseen = None
+        if unseen_images is not None:
+            if unseen_labels is None:
+                raise ValueError("unseen_labels must be given with unseen_images")
+            unseen = self.evaluate(model, gallery, unseen_images, unseen_labels, r, sample_indices=unseen_indices)
+        return UAPRetrievalResult(r, fit, unseen, history)
+
+    def apply(self, images: Tensor, r: Tensor) -> Tensor:
+        """``clip(x + resize(r))``: r resized to the images' size, each image kept in ``[0, 1]``."""
+        return (images + resize_perturbation(r, images.shape[-2:], self.eps).to(images)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, gallery: Gallery, images: Tensor, labels: Tensor, r: Tensor,
+                 sample_indices: Tensor | None = None, scale: float = 1.0) -> dict[str, float]:
+        """mAP / mP@10 clean and attacked, and mDR, with queries (and r) resized by ``scale``."""
+        if r.dim() != 3 or r.shape[0] != images.shape[1]:
+            raise ValueError(f"perturbation must be [C={images.shape[1]}, H, W], got {tuple(r.shape)}")
+        with frozen_eval(model):
+            x = _resize_images(images, scale)
+            clean = retrieval_metrics(model, gallery, self._embed(model, x), labels, sample_indices)
+            adv = retrieval_metrics(model, gallery, self._embed(model, self.apply(x, r)), labels, sample_indices)
+        map_clean, map_adv = float(clean["ap"].mean()), float(adv["ap"].mean())
+        return {"mAP_clean": map_clean, "mAP": map_adv,
+                "mP@10_clean": float(clean["p@10"].mean()), "mP@10": float(adv["p@10"].mean()),
+                "mDR": (map_clean - map_adv) / map_clean if map_clean > 0 else 0.0}
+
+    def _embed(self, model: nn.Module, x: Tensor) -> Tensor:
+        return torch.cat([model.embed(x[s : s + self.batch_size]) for s in range(0, x.shape[0], self.batch_size)])
+
+    def fit(self, model: nn.Module, gallery: Gallery, images: Tensor, labels: Tensor,
+            logger: ScalarImageLogger | None = None) -> tuple[Tensor, list[float]]:
+        """Optimize r with the class docstring's schedule -> ``(r [C, H, W], history)``."""
+        if images.dim() != 4 or labels.shape != images.shape[:1]:
+            raise ValueError("images must be [B, C, H, W] with labels [B]")
+        gen = torch.Generator().manual_seed(self.seed)
+        r = torch.zeros(images.shape[1:], dtype=images.dtype, device=images.device)
+        velocity = torch.zeros_like(r)
+        history: list[float] = []
+        with torch.inference_mode(False), torch.enable_grad(), frozen_eval(model):
+            gallery = Gallery(autograd_usable(gallery.embeddings), autograd_usable(gallery.labels))
+            images, labels = autograd_usable(images), autograd_usable(labels)
+            loss_fn = self._loss_factory(model, gallery)
+            batches = [(images[s : s + self.batch_size], labels[s : s + self.batch_size])
+                       for s in range(0, images.shape[0], self.batch_size)]
+            for epoch in range(self.epochs):
+                for x, y in batches:
+                    if self.resize_range is not None:
+                        lo, hi = self.resize_range
+                        x = _resize_images(x, lo + (hi - lo) * float(torch.rand((), generator=gen)))
+                    with torch.no_grad():
+                        f0 = model.embed(x)
+                    r_var = r.clone().requires_grad_(True)
+                    adv = (x + resize_perturbation(r_var, x.shape[-2:], self.eps)).clamp(0.0, 1.0)
+                    (grad,) = torch.autograd.grad(loss_fn(model.embed(adv), f0, y).sum(), r_var)
+                    velocity = self.momentum * velocity + grad / grad.abs().mean().clamp_min(1e-12)
+                    r = (r - self.step * velocity.sign()).clamp(-self.eps, self.eps)
+                with torch.no_grad():  # effect curve: the objective on the (unresized) fit set
+                    total = sum(float(loss_fn(model.embed(self.apply(x, r)), model.embed(x), y).sum())
+                                for x, y in batches)
+                history.append(total / images.shape[0])
+                if logger is not None:
+                    logger.add_scalar(f"universal/{self.name}/fit_loss", history[-1], epoch)
+                    logger.add_image(f"universal/{self.name}/perturbation", perturbation_image(r, self.eps), epoch)
+        return r.detach(), history

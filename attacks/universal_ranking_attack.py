@@ -1,0 +1,294 @@
+"""Universal (image-agnostic) ranking attacks I-CA+ / I-CA- / I-QA+ / I-QA-, ECCV 2020 Sec. 5.2.
+
+Zhou et al., "Adversarial Ranking Attack and Defense", ECCV 2020, Eq. (14):
+
+    r = argmin_{r in Gamma} sum_{c in C} L_CA+(c + r, Q; X)                       (Eq. 14)
+
+i.e. ONE perturbation ``r [C, H, W]`` shared by every attacked candidate (I-CA) or query
+(I-QA), with the per-sample losses of Sec. 3 (Eq. 4 / 7 / 9 / 11). Following Moosavi-Dezfooli
+et al. (the paper's [49]) and Table 6, r is fitted on a "fit" set (5% of X), frozen, and then
+measured on the fit set and on a disjoint "unseen" 5% of X.
+
+Loss reuse: the per-sample :class:`CandidateAttack` / :class:`QueryAttack` build their loss as a
+closure over the batch's targets and hand it to :meth:`Attack.pgd`. A private subclass
+replaces ``pgd`` by "record the closure, return ``clip(x + r)``", so the universal attack
+optimizes exactly the per-sample loss (same targets, same exclusions) and is measured with
+exactly the per-sample metric code, without touching those modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from attacks.attack import (
+    AttackResult,
+    _check_nonneg_float,
+    _check_positive_int,
+    autograd_usable,
+    frozen_eval,
+)
+from attacks.candidate_attack import CandidateAttack
+from attacks.gallery import Gallery
+from attacks.pgd import check_eps, eccv_step_rules
+from attacks.query_attack import QueryAttack
+
+__all__ = ["UniversalRankingAttack", "UniversalRankingResult", "fit_unseen_split", "perturbation_image"]
+
+LossFn = Callable[[Tensor], Tensor]
+
+
+class ScalarImageLogger(Protocol):
+    """What the fit logs to: a ``torch.utils.tensorboard.SummaryWriter`` (or ``trainer.logger.experiment``)."""
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> Any: ...
+
+    def add_image(self, tag: str, img: Tensor, global_step: int) -> Any: ...
+
+
+class _SharedPerturbation:
+    """Mixin for a per-sample ranking attack: ``pgd`` adds a fixed ``shared`` r instead of optimizing.
+
+    After a call, ``loss_fn`` is the attack's per-instance loss closure for that batch.
+    """
+
+    shared: Tensor | None = None
+    loss_fn: LossFn | None = None
+
+    def pgd(self, loss_fn: LossFn, images: Tensor, sample_indices: Tensor, delta0: Tensor | None = None) -> Tensor:
+        self.loss_fn = loss_fn
+        if self.shared is None:
+            return images
+        return (images + self.shared.to(images)).clamp(0.0, 1.0)  # c + r in Gamma: the box per sample
+
+
+class _SharedCandidateAttack(_SharedPerturbation, CandidateAttack):
+    pass
+
+
+class _SharedQueryAttack(_SharedPerturbation, QueryAttack):
+    pass
+
+
+def fit_unseen_split(n: int, fraction: float = 0.05, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Two disjoint random index sets of ``max(1, round(fraction * n))`` items each (Sec. 5.2: 5% + 5% of X)."""
+    if not 0.0 < fraction <= 0.5:
+        raise ValueError(f"fraction must be in (0, 0.5], got {fraction!r}")
+    k = max(1, round(fraction * n))
+    if 2 * k > n:
+        raise ValueError(f"a gallery of {n} items cannot hold two disjoint sets of {k}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:k].sort().values, perm[k : 2 * k].sort().values
+
+
+def perturbation_image(r: Tensor, eps: float) -> Tensor:
+    """``r [C, H, W]`` mapped from ``[-eps, eps]`` to ``[0, 1]`` (0 -> grey) for TensorBoard."""
+    scale = eps if eps > 0 else 1.0
+    return (r.detach().cpu() / (2.0 * scale) + 0.5).clamp(0.0, 1.0)
+
+
+@dataclass
+class UniversalRankingResult:
+    """A fitted universal perturbation and its effect (Table 6 layout).
+
+    Attributes:
+        perturbation: the frozen ``r [C, H, W]``, ``||r||_inf <= eps``.
+        fit: per-sample metrics on the fit set (``"rank"``, ``"rank_clean"``, percent; QA adds
+            ``"sp_rank"`` / ``"sp_rank_clean"``).
+        unseen: the same on the unseen set (``None`` when none was given).
+        history: mean ``"rank"`` on the fit set after each epoch (the effect curve).
+        fit_targets / unseen_targets: ``[B, k]`` target indices (Q for I-CA, C for I-QA).
+    """
+
+    perturbation: Tensor
+    fit: dict[str, Tensor]
+    unseen: dict[str, Tensor] | None = None
+    history: list[float] = field(default_factory=list)
+    fit_targets: Tensor | None = None
+    unseen_targets: Tensor | None = None
+
+    def summary(self) -> dict[str, float]:
+        """Mean clean / adversarial ranks, e.g. ``{"fit/rank_clean": 50.1, "fit/rank": 18.3, ...}``."""
+        out: dict[str, float] = {}
+        for split, metrics in (("fit", self.fit), ("unseen", self.unseen)):
+            for key in ("rank_clean", "rank"):
+                if metrics is not None:
+                    out[f"{split}/{key}"] = float(metrics[key].float().mean())
+        return out
+
+
+class UniversalRankingAttack:
+    """Fit one perturbation r for a set of candidates (I-CA+/-) or queries (I-QA+/-), ECCV 2020 Eq. 14.
+
+    Schedule (the paper gives none; ours follows the batched UAP practice of [49] with
+    signed steps as in Eq. 6):
+
+    - r starts at 0; the fit set is cut, in index order, into batches of ``batch_size``
+      (targets of each batch are drawn once, per sample index, as in the per-sample attacks);
+    - for ``epochs`` epochs, for every batch: ``g = grad_r sum_b L(clip(x_b + r))`` (the
+      per-sample CA/QA loss of every instance, all sharing r), momentum accumulation of the
+      L1-normalized gradient ``m <- momentum * m + g / mean|g|`` (MI-FGSM style, so batch loss
+      scale does not matter), step ``r <- clip_[-eps, eps](r - step * sign(m))``;
+    - each perturbed sample is clipped to ``[0, 1]`` (Gamma of Eq. 2, per sample);
+    - after each epoch the mean normalized rank on the fit set is recorded (``history``) and,
+      with a ``logger``, written to TensorBoard with the perturbation image.
+
+    Args:
+        kind: ``"CA"`` (perturb candidates, targets are w queries) or ``"QA"`` (perturb queries,
+            targets are m candidates).
+        direction: ``"+"`` raise / ``"-"`` lower the rank of the targets.
+        size: w (I-CA) or m (I-QA); Table 6 uses 1.
+        eps: L-inf budget in pixel units.
+        epochs, batch_size: the fit schedule.
+        step: signed step size; ``None`` -> the ECCV rule's alpha for eps
+            (:func:`attacks.pgd.eccv_step_rules`).
+        momentum: momentum of the signed steps (0 = plain signed gradient descent).
+        seed: target-selection seed (keyed per sample index, as in the per-sample attacks).
+        percent: top-ranking pool of the "-" attacks (Sec. 4: 1%).
+        xi, G: SP term of I-QA; Table 6 sets ``xi = 0`` (our default, and ``G = 0``).
+    """
+
+    def __init__(
+        self,
+        kind: Literal["CA", "QA"],
+        direction: Literal["+", "-"],
+        size: int = 1,
+        *,
+        eps: float,
+        epochs: int = 10,
+        batch_size: int = 64,
+        step: float | None = None,
+        momentum: float = 0.9,
+        seed: int = 0,
+        percent: float = 1.0,
+        xi: float = 0.0,
+        G: int = 0,
+    ) -> None:
+        if kind not in ("CA", "QA"):
+            raise ValueError(f"kind must be 'CA' or 'QA', got {kind!r}")
+        check_eps(eps)
+        self.kind = kind
+        self.eps = float(eps)
+        self.epochs = _check_positive_int(epochs, "epochs")
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.step = eccv_step_rules(self.eps)[0] if step is None else _check_nonneg_float(step, "step", True)
+        self.momentum = _check_nonneg_float(momentum, "momentum")
+        if self.momentum >= 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        # The per-sample attack validates direction / size / percent / xi / G and owns the loss.
+        self.inner: _SharedCandidateAttack | _SharedQueryAttack
+        if kind == "CA":
+            self.inner = _SharedCandidateAttack(direction, size, eps=eps, seed=seed, percent=percent)
+        else:
+            self.inner = _SharedQueryAttack(direction, size, eps=eps, seed=seed, percent=percent, xi=xi, G=G)
+
+    @property
+    def name(self) -> str:
+        return f"I-{self.inner.name}"
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        inner = {k: v for k, v in self.inner.hparams.items() if k not in ("attack", "alpha", "steps", "random_start")}
+        return {"attack": self.name, **inner, "epochs": self.epochs, "batch_size": self.batch_size,
+                "step": self.step, "momentum": self.momentum}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams.items())})"
+
+    # ------------------------------------------------------------------------- API
+    def __call__(
+        self,
+        model: nn.Module,
+        gallery: Gallery,
+        fit_images: Tensor,
+        fit_indices: Tensor,
+        unseen_images: Tensor | None = None,
+        unseen_indices: Tensor | None = None,
+        logger: ScalarImageLogger | None = None,
+    ) -> UniversalRankingResult:
+        """Fit r on the fit set, freeze it, measure it on the fit and the unseen set (Table 6)."""
+        r, history = self.fit(model, gallery, fit_images, fit_indices, logger=logger)
+        fit = self.evaluate(model, gallery, fit_images, fit_indices, r)
+        unseen = None
+        if unseen_images is not None:
+            if unseen_indices is None:
+                raise ValueError("unseen_indices must be given with unseen_images")
+            if bool(torch.isin(torch.as_tensor(unseen_indices), torch.as_tensor(fit_indices)).any()):
+                raise ValueError("the unseen set must be disjoint from the fit set")
+            unseen = self.evaluate(model, gallery, unseen_images, unseen_indices, r)
+        return UniversalRankingResult(
+            perturbation=r,
+            fit={k: v for k, v in fit.metrics.items()},
+            unseen=None if unseen is None else dict(unseen.metrics),
+            history=history,
+            fit_targets=fit.targets,
+            unseen_targets=None if unseen is None else unseen.targets,
+        )
+
+    def evaluate(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+                 r: Tensor) -> AttackResult:
+        """Apply the frozen ``r`` to every image; metrics as the per-sample attack computes them."""
+        self._check_perturbation(r, images)
+        results = []
+        for start in range(0, images.shape[0], self.batch_size):
+            self.inner.shared = r.detach()
+            try:
+                results.append(self.inner(model, gallery, images[start : start + self.batch_size],
+                                          torch.as_tensor(sample_indices)[start : start + self.batch_size]))
+            finally:
+                self.inner.shared, self.inner.loss_fn = None, None
+        return AttackResult(
+            adversarial=torch.cat([res.adversarial for res in results]),
+            perturbation=torch.cat([res.perturbation for res in results]),
+            metrics={k: torch.cat([res.metrics[k] for res in results]) for k in results[0].metrics},
+            targets=torch.cat([res.targets for res in results]),
+            sp_targets=None if results[0].sp_targets is None else torch.cat([res.sp_targets for res in results]),
+        )
+
+    def fit(
+        self,
+        model: nn.Module,
+        gallery: Gallery,
+        images: Tensor,
+        sample_indices: Tensor,
+        logger: ScalarImageLogger | None = None,
+    ) -> tuple[Tensor, list[float]]:
+        """Optimize r (Eq. 14) with the schedule of the class docstring -> ``(r [C, H, W], history)``."""
+        sample_indices = torch.as_tensor(sample_indices)
+        # One capture per batch: target selection + the loss closure, constant over the epochs.
+        losses: list[tuple[Tensor, LossFn]] = []
+        for start in range(0, images.shape[0], self.batch_size):
+            batch = images[start : start + self.batch_size]
+            try:
+                self.inner(model, gallery, batch, sample_indices[start : start + self.batch_size])
+                assert self.inner.loss_fn is not None
+                losses.append((autograd_usable(batch), self.inner.loss_fn))
+            finally:
+                self.inner.loss_fn = None
+        r = torch.zeros(images.shape[1:], dtype=images.dtype, device=images.device)
+        velocity = torch.zeros_like(r)
+        history: list[float] = []
+        for epoch in range(self.epochs):
+            with torch.inference_mode(False), torch.enable_grad(), frozen_eval(model):
+                for batch, loss_fn in losses:
+                    r_var = r.clone().requires_grad_(True)
+                    loss = loss_fn((batch + r_var).clamp(0.0, 1.0)).sum()
+                    (grad,) = torch.autograd.grad(loss, r_var)
+                    velocity = self.momentum * velocity + grad / grad.abs().mean().clamp_min(1e-12)
+                    r = (r - self.step * velocity.sign()).clamp(-self.eps, self.eps)
+            mean_rank = float(self.evaluate(model, gallery, images, sample_indices, r).metrics["rank"].mean())
+            history.append(mean_rank)
+            if logger is not None:
+                logger.add_scalar(f"universal/{self.name}/fit_rank", mean_rank, epoch)
+                logger.add_image(f"universal/{self.name}/perturbation", perturbation_image(r, self.eps), epoch)
+        return r.detach(), history
+
+    def _check_perturbation(self, r: Tensor, images: Tensor) -> None:
+        if r.shape != images.shape[1:]:
+            raise ValueError(f"perturbation shape {tuple(r.shape)} does not match images {tuple(images.shape[1:])}")
+        if float(r.abs().max()) > self.eps + 1e-6:
+            raise ValueError(f"perturbation exceeds eps={self.eps}")
