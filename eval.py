@@ -157,11 +157,11 @@ def load_ranker(ckpt: Path, model_section: dict[str, Any] | None, where: str) ->
         except Exception as err:  # noqa: BLE001
             raise EvalError(f"{ckpt} is not a checkpoint ({_one_line(err)[:200]})") from None
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise EvalError(f"{ckpt} is not a Lightning checkpoint of a Ranker (no state_dict)")
+            raise EvalError(f"{ckpt} is not a Lightning checkpoint of a Ranker (no state_dict)") from None
         if model_section is None:
             raise EvalError(f"cannot load a Ranker from {ckpt} ({_one_line(first)[:120]}...) and there is no "
                             "run config.yaml with a 'model' section next to it; "
-                            "pass --data-config <run>/config.yaml")
+                            "pass --data-config <run>/config.yaml") from None
         model = _instantiate(model_section, Ranker, "model", where)
         try:
             model.load_state_dict(checkpoint["state_dict"], strict=True)
