@@ -114,3 +114,8 @@ __all__ += [
     "transfer_markdown",
     "transfer_matrix",
 ]
+
+# PQ-AG in the evaluation engine's registry (docs/dpqn.md)
+from attacks.pq_ag_registry import register_pq_ag_attacks  # noqa: E402  (registers PQ-AG:Basic / APD / AOD)
+
+__all__ += ["register_pq_ag_attacks"]

@@ -197,10 +197,10 @@ ATTACKS.register("CA+", _candidate_attack("+"), size_key="w", options={"percent"
 ATTACKS.register("CA-", _candidate_attack("-"), size_key="w", options={"percent"},
                  metrics=("rank", "rank_clean"), clean_metric="rank_clean", direction="-",
                  description="candidate attack, lower c's rank w.r.t. w top-1% queries (ECCV 2020 Eq. 7)")
-ATTACKS.register("QA+", _query_attack("+"), size_key="m", options={"xi", "G", "percent"}, metrics=_QA_METRICS,
+ATTACKS.register("QA+", _query_attack("+"), size_key="m", options={"xi", "G", "percent", "reduction"}, metrics=_QA_METRICS,
                  clean_metric="rank_clean", direction="+",
                  description="query attack with SP term, raise m random candidates (ECCV 2020 Eq. 11-12)")
-ATTACKS.register("QA-", _query_attack("-"), size_key="m", options={"xi", "G", "percent"}, metrics=_QA_METRICS,
+ATTACKS.register("QA-", _query_attack("-"), size_key="m", options={"xi", "G", "percent", "reduction"}, metrics=_QA_METRICS,
                  clean_metric="rank_clean", direction="-",
                  description="query attack with SP term, lower m top-1% candidates (ECCV 2020 Eq. 9, 12)")
 ATTACKS.register("ES", _max_shift_attack, metric="shift", metrics=("shift",),

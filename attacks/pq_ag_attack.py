@@ -157,14 +157,18 @@ class PQAGAttack(Attack):
         labels = self._query_labels
         assert labels is not None, "call the attack, not perturb()"
         adversarial = self.pgd(self._loss(model, images), images, sample_indices)
-        adv = query_average_precision(model, gallery, adversarial, labels, self.topk)
-        clean = query_average_precision(model, gallery, images, labels, self.topk)
+        with torch.no_grad():  # one encode (+ one embed for PQ) per image set, shared by AP and code_change
+            adv_codes, clean_codes = model.encode(adversarial), model.encode(images)
+            pq = "codebooks" in model.capabilities
+            adv = _average_precisions(model, gallery, adv_codes, model.embed(adversarial) if pq else None, labels,
+                                      self.topk)
+            clean = _average_precisions(model, gallery, clean_codes, model.embed(images) if pq else None, labels,
+                                        self.topk)
         metrics: dict[str, Tensor] = {}
         for key in adv:
             metrics[key], metrics[f"{key}_clean"] = adv[key], clean[key]
-        if "codebooks" in model.capabilities:
-            with torch.no_grad():
-                metrics["code_change"] = (model.encode(adversarial) != model.encode(images)).float().mean(-1)
+        if pq:
+            metrics["code_change"] = (adv_codes != clean_codes).float().mean(-1)
         return AttackResult(adversarial=adversarial, perturbation=adversarial - images, metrics=metrics)
 
 
@@ -182,6 +186,14 @@ def query_average_precision(
     :func:`retrieval.topk_metrics.average_precision_at_topk`). Also used to measure transfer:
     adversarial queries crafted on one model, ranked by another.
     """
+    features = model.embed(images) if "codebooks" in model.capabilities else None
+    return _average_precisions(model, gallery, model.encode(images), features, labels, topk)
+
+
+def _average_precisions(
+    model: nn.Module, gallery: Gallery, codes: Tensor, features: Tensor | None, labels: Tensor, topk: int | None
+) -> dict[str, Tensor]:
+    """:func:`query_average_precision` from the queries' codes (and, for PQ, features)."""
     db, db_labels = gallery.embeddings, gallery.labels
 
     def ap(distances: Tensor) -> Tensor:
@@ -190,7 +202,6 @@ def query_average_precision(
             order = order[:, :topk]
         return average_precision_at_topk(db_labels.to(order.device)[order] == labels.to(order.device)[:, None])
 
-    if "codebooks" not in model.capabilities:
-        return {"ap": ap(model.code_distance(model.encode(images), db))}
-    return {"ap_sdc": ap(model.sdc_distance(model.encode(images), db)),
-            "ap_adc": ap(model.adc_distance(model.embed(images), db))}
+    if features is None:
+        return {"ap": ap(model.code_distance(codes, db))}
+    return {"ap_sdc": ap(model.sdc_distance(codes, db)), "ap_adc": ap(model.adc_distance(features, db))}

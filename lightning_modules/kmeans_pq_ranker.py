@@ -9,6 +9,7 @@ checkpoint) that way, so the PQ-AG attacks apply to every metric-ranker checkpoi
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import faiss
@@ -29,30 +30,48 @@ class KMeansPQRanker(Ranker):
     - :meth:`encode` -- hard codes ``[B, M]`` int64, the nearest centroid in L2 (Eq. 1, what
       faiss's k-means PQ assigns).
     - :meth:`code_distance` = :meth:`sdc_distance`; :meth:`adc_distance` for unquantized
-      queries; :attr:`codebooks` -- the k-means centroids ``[M, K, d]``.
+      queries; :attr:`codebooks` -- the k-means centroids ``[M, K, d]`` (``None`` until fitted,
+      so PQ attacks report "not applicable" rather than attack random codebooks).
     - :meth:`soft_assignment` -- ``softmax_k(-alpha ||z_m - c_mk||^2)`` for the PQ-AG attacks (see
       :mod:`lightning_modules.soft_product_quantizer` for why not the inner product of Eq. 7).
 
-    Build it with :meth:`fit`; the constructor takes already fitted codebooks.
+    Build a fitted model with :meth:`fit`. The constructor builds an unfitted one, which is how a
+    saved k-means PQ checkpoint is rebuilt from its config before its state dict (the centroids
+    and the ``fitted`` flag) is loaded (``scripts/pq_kmeans_checkpoint.py``).
 
     Args:
         ranker: the trained ranker whose ``embed`` is quantized.
-        codebooks: ``[M, K, d]`` centroids, ``M * d`` = the embedding dimension.
+        num_bits: code length; ``num_bits / num_codebooks`` bits per sub-code.
+        num_codebooks: ``M``; must divide ``num_bits`` and the embedding dimension.
         alpha: soft-assignment temperature (inverse) on negative squared distances.
+        feature_dim: the embedding dimension ``D``; ``None`` reads ``ranker.backbone.embedding_dim``.
     """
 
-    def __init__(self, ranker: Ranker, codebooks: Tensor, alpha: float = 50.0) -> None:
+    def __init__(
+        self,
+        ranker: Ranker,
+        num_bits: int = 24,
+        num_codebooks: int = 4,
+        alpha: float = 50.0,
+        feature_dim: int | None = None,
+    ) -> None:
         super().__init__(recall_ks=getattr(ranker, "recall_ks", (1, 2, 4, 8)))
-        if codebooks.dim() != 3:
-            raise ValueError(f"codebooks must be [M, K, d], got shape {tuple(codebooks.shape)}")
-        num_codebooks, num_codewords, sub_dim = (int(s) for s in codebooks.shape)
+        self.save_hyperparameters(ignore=["ranker"])
+        num_codewords = split_bits(num_bits, num_codebooks)
+        dim = feature_dim if feature_dim is not None else getattr(getattr(ranker, "backbone", None),
+                                                                  "embedding_dim", None)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError("KMeansPQRanker needs the embedding dimension: pass feature_dim or a ranker whose "
+                             "backbone has an integer embedding_dim")
+        if dim % num_codebooks:
+            raise ValueError(f"embedding dimension {dim} does not split into num_codebooks={num_codebooks} "
+                             "equal sub-vectors")
         self.ranker = ranker
-        self.quantizer = SoftProductQuantizer(num_codebooks, num_codewords, sub_dim, alpha, "euclidean")
-        self.quantizer.load_codebooks(codebooks)
+        self.quantizer = SoftProductQuantizer(num_codebooks, num_codewords, dim // num_codebooks, alpha, "euclidean")
         self.quantizer.requires_grad_(False)  # fitted by k-means, never trained
+        self.register_buffer("fitted", torch.tensor(False))
 
     @classmethod
-    @torch.no_grad()
     def fit(
         cls,
         ranker: Ranker,
@@ -63,34 +82,45 @@ class KMeansPQRanker(Ranker):
         seed: int = 0,
         niter: int = 25,
     ) -> KMeansPQRanker:
-        """Fit ``M`` k-means codebooks of ``K = 2^(num_bits / M)`` centroids on the database
-        embeddings (``ranker.embed`` of the database images, ``[N, D]``) with faiss's
-        ``ProductQuantizer`` (seeded k-means per sub-space) and wrap ``ranker``."""
-        num_codewords = split_bits(num_bits, num_codebooks)
+        """Wrap ``ranker`` and fit its codebooks on ``database_embeddings`` (:meth:`fit_codebooks`)."""
         if database_embeddings.dim() != 2:
             raise ValueError(f"database_embeddings must be [N, D], got shape {tuple(database_embeddings.shape)}")
-        n, dim = database_embeddings.shape
-        if dim % num_codebooks:
-            raise ValueError(f"embedding dimension {dim} does not split into num_codebooks={num_codebooks} "
-                             "equal sub-vectors")
-        if n < num_codewords:
-            raise ValueError(f"k-means with K={num_codewords} centroids needs at least {num_codewords} database "
-                             f"embeddings, got {n}")
+        model = cls(ranker, num_bits, num_codebooks, alpha, feature_dim=int(database_embeddings.shape[1]))
+        return model.to(database_embeddings.device).fit_codebooks(database_embeddings, seed=seed, niter=niter)
+
+    @torch.no_grad()
+    def fit_codebooks(self, database_embeddings: Tensor, seed: int = 0, niter: int = 25) -> KMeansPQRanker:
+        """Fit the ``M`` k-means codebooks of ``K`` centroids on the database embeddings
+        (``ranker.embed`` of the database images, ``[N, D]``) with faiss's ``ProductQuantizer``
+        (seeded k-means per sub-space); returns ``self``."""
+        quantizer = self.quantizer
+        if database_embeddings.dim() != 2 or database_embeddings.shape[1] != quantizer.dim:
+            raise ValueError(f"database_embeddings must be [N, D={quantizer.dim}], got shape "
+                             f"{tuple(database_embeddings.shape)}")
+        if database_embeddings.shape[0] < quantizer.num_codewords:
+            raise ValueError(f"k-means with K={quantizer.num_codewords} centroids needs at least "
+                             f"{quantizer.num_codewords} database embeddings, got {database_embeddings.shape[0]}")
         x = np.ascontiguousarray(database_embeddings.detach().cpu().to(torch.float32).numpy())
-        pq = faiss.ProductQuantizer(dim, num_codebooks, num_bits // num_codebooks)
+        pq = faiss.ProductQuantizer(quantizer.dim, quantizer.num_codebooks, int(math.log2(quantizer.num_codewords)))
         pq.cp.seed = seed
         pq.cp.niter = niter
         pq.cp.min_points_per_centroid = 1  # small databases are fine; no faiss warning
         pq.train(x)
-        centroids = faiss.vector_to_array(pq.centroids).reshape(num_codebooks, num_codewords, dim // num_codebooks)
-        model = cls(ranker, torch.from_numpy(centroids.copy()), alpha=alpha)
-        return model.to(database_embeddings.device)
+        shape = (quantizer.num_codebooks, quantizer.num_codewords, quantizer.sub_dim)
+        quantizer.load_codebooks(torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(shape).copy()))
+        self.fitted.fill_(True)
+        return self
+
+    def _require_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise RuntimeError("the k-means codebooks are not fitted: build the model with KMeansPQRanker.fit(...) "
+                               "or load a fitted checkpoint")
 
     # --------------------------------------------------------------- PQ properties
     @property
-    def codebooks(self) -> Tensor:  # type: ignore[override]
-        """The k-means centroids ``[M, K, d]``."""
-        return self.quantizer.codebooks.detach()
+    def codebooks(self) -> Tensor | None:  # type: ignore[override]
+        """The k-means centroids ``[M, K, d]`` (``None`` before fitting)."""
+        return self.quantizer.codebooks.detach() if bool(self.fitted) else None
 
     @property
     def alpha(self) -> float:
@@ -109,6 +139,7 @@ class KMeansPQRanker(Ranker):
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
+        self._require_fitted()
         return self.quantizer.hard_codes(self.embed(x))
 
     def code_distance(self, a: Tensor, b: Tensor) -> Tensor:
@@ -117,26 +148,31 @@ class KMeansPQRanker(Ranker):
     def build_index(self, codes: Tensor, mode: Literal["sdc", "adc"] = "sdc",
                     backend: Literal["auto", "faiss", "torch"] = "auto") -> PQIndex:
         """A :class:`retrieval.PQIndex` over ``codes``; SDC (queries are codes) by default."""
-        index = PQIndex(self.codebooks, mode=mode, backend=backend)
+        self._require_fitted()
+        index = PQIndex(self.quantizer.codebooks.detach(), mode=mode, backend=backend)
         index.add(codes)
         return index
 
     # ----------------------------------------------------------------- PQ API
     def soft_assignment(self, z: Tensor, alpha: float | None = None) -> Tensor:
         """``[..., M, K]`` soft codeword distribution of embeddings ``z``."""
+        self._require_fitted()
         return self.quantizer.soft_assignment(z, alpha)
 
     def log_soft_assignment(self, z: Tensor, alpha: float | None = None) -> Tensor:
         """``log`` of :meth:`soft_assignment`, computed by a log-softmax: ``[..., M, K]``."""
+        self._require_fitted()
         return self.quantizer.log_soft_assignment(z, alpha)
 
     def soft_quantize(self, z: Tensor, alpha: float | None = None) -> Tensor:
         return self.quantizer.soft_quantize(z, alpha)
 
     def sdc_distance(self, query_codes: Tensor, database_codes: Tensor) -> Tensor:
+        self._require_fitted()
         return self.quantizer.sdc_distance(query_codes, database_codes)
 
     def adc_distance(self, query_features: Tensor, database_codes: Tensor) -> Tensor:
+        self._require_fitted()
         return self.quantizer.adc_distance(query_features, database_codes)
 
     # ----------------------------------------------------------------- training

@@ -1,8 +1,8 @@
 """PQ-AG white-box table (Feng et al., AAAI 2020, Table 1 layout) and transfer matrices.
 
     python scripts/pq_ag_table.py \
-        --model 16bit=dpqn:runs/fashion_mnist_dpqn_16bit/version_0/checkpoints/last.ckpt \
-        --model 24bit=dpqn:runs/fashion_mnist_dpqn_24bit/version_0/checkpoints/last.ckpt \
+        --model 16bit=pq:runs/fashion_mnist_dpqn_16bit/version_0/checkpoints/last.ckpt \
+        --model 24bit=pq:runs/fashion_mnist_dpqn_24bit/version_0/checkpoints/last.ckpt \
         --transfer
 
 Every model is attacked on the whole query set (docs/dpqn.md: 1000 Fashion-MNIST test queries,
@@ -25,6 +25,7 @@ import torch
 from pq_common import build_model, parse_models, query_database
 
 from attacks import Gallery, PQAGAttack, query_average_precision
+from retrieval.topk_metrics import precision_recall_at_cutoffs
 
 VARIANTS = ("basic", "apd", "aod")
 ROW_NAMES = {"clean": "Clean", "basic": "Basic", "apd": "APD", "aod": "AOD"}
@@ -34,15 +35,30 @@ def mean(values: list[torch.Tensor]) -> float:
     return float(torch.cat(values).double().mean())
 
 
+@torch.no_grad()
+def pr_curves(model, gallery: Gallery, images: torch.Tensor, labels: torch.Tensor, cutoffs: list[int]) -> dict:
+    """Mean precision / recall at ``cutoffs`` under SDC and ADC (the paper's Fig. 5)."""
+    out = {}
+    for mode in ("sdc", "adc"):
+        query = model.encode(images) if mode == "sdc" else model.embed(images)
+        distance = model.sdc_distance if mode == "sdc" else model.adc_distance
+        precision, recall = precision_recall_at_cutoffs(distance(query, gallery.embeddings), labels, gallery.labels,
+                                                        cutoffs)
+        out[mode] = {"cutoffs": list(cutoffs), "precision": precision.tolist(), "recall": recall.tolist()}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, help="LABEL=dpqn:<ckpt> | LABEL=kmeans:<ckpt>:<bits>[:<M>]")
+    parser.add_argument("--model", action="append", required=True, help="LABEL=pq:<ckpt> | LABEL=kmeans:<ckpt>:<bits>[:<M>]")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--step-size", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--topk", type=int, default=None, help="AP@topk instead of the whole ranking")
     parser.add_argument("--transfer", action="store_true", help="also the AOD transfer matrix between the models")
+    parser.add_argument("--pr-cutoffs", type=int, nargs="*", default=[],
+                        help="also precision / recall at these ranking cut-offs (clean and attacked, to --json)")
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -69,6 +85,10 @@ def main() -> None:
             table[label][variant]["code_change"] = mean([r.metrics["code_change"] for r in results])
             if variant == "aod":
                 adversarial[label] = torch.cat([r.adversarial for r in results])
+            if args.pr_cutoffs:
+                for key, images in (("clean", queries.images), (variant, torch.cat([r.adversarial for r in results]))):
+                    table[label].setdefault("pr", {})[key] = pr_curves(model, galleries[label], images, queries.labels,
+                                                                        args.pr_cutoffs)
         print(f"# {label}: {spec} ({model.num_bits} bits, M x K = {model.codebooks.shape[0]} x "
               f"{model.codebooks.shape[1]}); attack wall s: "
               + ", ".join(f"{v} {w:.0f}" for v, w in walls[label].items()), flush=True)

@@ -2,7 +2,8 @@
 
 Model specs on the command line (``LABEL=SPEC``):
 
-- ``dpqn:<ckpt>`` -- a :class:`lightning_modules.DPQNRanker` checkpoint of ``train.py``;
+- ``pq:<ckpt>`` -- a checkpoint of a PQ ranker: a :class:`lightning_modules.DPQNRanker` of
+  ``train.py``, or a :class:`lightning_modules.KMeansPQRanker` of ``scripts/pq_kmeans_checkpoint.py``;
 - ``kmeans:<ckpt>:<bits>[:<M>]`` -- any ranker checkpoint (e.g. a metric ranker) plus k-means PQ
   codebooks of ``bits`` bits in ``M`` codebooks (default 4) fitted on the database embeddings
   (:meth:`lightning_modules.KMeansPQRanker.fit`, faiss, seed 0).
@@ -37,17 +38,22 @@ class Split:
     labels: Tensor
 
 
-def load_ranker(ckpt: str | Path) -> Ranker:
-    """The ranker of a ``train.py`` checkpoint (CPU, eval mode)."""
-    from jsonargparse import ArgumentParser
-
+def run_config(ckpt: str | Path) -> dict:
+    """The ``config.yaml`` of a checkpoint's run (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``)."""
     ckpt = Path(ckpt)
     config = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "config.yaml"
     if not ckpt.is_file() or not config.is_file():
         raise SystemExit(f"error: need a checkpoint and its run config.yaml: {ckpt} / {config}")
+    return yaml.safe_load(config.read_text())
+
+
+def load_ranker(ckpt: str | Path) -> Ranker:
+    """The ranker of a checkpoint, rebuilt from its run config's ``model`` section (CPU, eval mode)."""
+    from jsonargparse import ArgumentParser
+
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(Ranker, "model", fail_untyped=False)
-    cfg = parser.parse_object({"model": yaml.safe_load(config.read_text())["model"]})
+    cfg = parser.parse_object({"model": run_config(ckpt)["model"]})
     model = parser.instantiate_classes(cfg).model
     state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(state, strict=True)
@@ -75,9 +81,9 @@ def batched(fn, images: Tensor, batch_size: int = 1000) -> Tensor:
 
 
 def build_model(spec: str, database: Split) -> Ranker:
-    """A PQ ranker from a ``dpqn:<ckpt>`` / ``kmeans:<ckpt>:<bits>[:<M>]`` spec (see module doc)."""
+    """A PQ ranker from a ``pq:<ckpt>`` / ``kmeans:<ckpt>:<bits>[:<M>]`` spec (see module doc)."""
     kind, _, rest = spec.partition(":")
-    if kind == "dpqn":
+    if kind == "pq":
         model = load_ranker(rest)
         if "codebooks" not in model.capabilities:
             raise SystemExit(f"error: {rest} holds a {type(model).__name__} without codebooks; use kmeans:{rest}:<bits>")
@@ -94,7 +100,7 @@ def build_model(spec: str, database: Split) -> Ranker:
         ranker = load_ranker(path)
         embeddings = batched(ranker.embed, database.images)
         return KMeansPQRanker.fit(ranker, embeddings, num_bits=bits, num_codebooks=num_codebooks).eval()
-    raise SystemExit(f"error: bad model spec {spec!r}: dpqn:<ckpt> or kmeans:<ckpt>:<bits>[:<M>]")
+    raise SystemExit(f"error: bad model spec {spec!r}: pq:<ckpt> or kmeans:<ckpt>:<bits>[:<M>]")
 
 
 def parse_models(items: list[str]) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """Clean PQ retrieval metrics (SDC / ADC mAP, mAP@topk, precision-recall) on Fashion-MNIST.
 
-    python scripts/pq_eval.py --model 24bit=dpqn:runs/fashion_mnist_dpqn_24bit/version_0/checkpoints/last.ckpt \
+    python scripts/pq_eval.py --model 24bit=pq:runs/fashion_mnist_dpqn_24bit/version_0/checkpoints/last.ckpt \
         --model ct-24=kmeans:runs/fashion_mnist_ct/version_0/checkpoints/last.ckpt:24
 
 Query / database protocol of docs/dpqn.md (1000 test queries, seed 0; database = the other 9000
@@ -23,7 +23,7 @@ from retrieval.topk_metrics import evaluate_query_database
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, help="LABEL=dpqn:<ckpt> | LABEL=kmeans:<ckpt>:<bits>[:<M>]")
+    parser.add_argument("--model", action="append", required=True, help="LABEL=pq:<ckpt> | LABEL=kmeans:<ckpt>:<bits>[:<M>]")
     parser.add_argument("--topk", type=int, default=1000)
     parser.add_argument("--pr-cutoffs", type=int, nargs="*", default=[1, 10, 50, 100, 500, 1000, 2000, 4000, 6000, 9000])
     parser.add_argument("--json", help="write all metrics here")

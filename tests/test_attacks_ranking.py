@@ -289,3 +289,16 @@ def test_sp_rank_is_nan_without_sp_set(cosine_setup) -> None:
     result = QueryAttack("+", 1, eps=0.03, G=0)(model, gallery, x[:4], torch.arange(4))
     assert torch.isnan(result.metrics["sp_rank"]).all() and result.sp_targets.shape == (4, 0)
     assert not torch.isnan(result.metrics["rank"]).any()
+
+
+def test_query_attack_reduction_weighs_the_sp_term_per_candidate(cosine_setup) -> None:
+    """With "sum" the attack term grows with m against a fixed SP term; with "mean" both terms
+    are per-candidate averages, so for m = G the two reductions are the same attack."""
+    model, x, _, gallery = cosine_setup
+    idx = ATTACKED
+    for m in (1, 3):
+        mean = QueryAttack("-", m, eps=0.1, G=m, reduction="mean")(model, gallery, x[idx], idx).metrics
+        total = QueryAttack("-", m, eps=0.1, G=m, reduction="sum")(model, gallery, x[idx], idx).metrics
+        torch.testing.assert_close(mean["rank"], total["rank"])  # m = G: same balance, same signs
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
+        QueryAttack("+", 1, eps=0.1, reduction="max")

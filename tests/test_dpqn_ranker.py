@@ -161,6 +161,13 @@ def test_kmeans_pq_on_a_metric_ranker(tiny_ranker):
         KMeansPQRanker.fit(ranker, embeddings, num_bits=26, num_codebooks=4)
     with pytest.raises(RuntimeError, match="not trained"):
         model.training_step((images, torch.zeros(100), torch.arange(100)), 0)
+    # an unfitted model has no codebooks capability; a saved state dict restores the fitted one
+    unfitted = KMeansPQRanker(ranker, num_bits=8, num_codebooks=2, feature_dim=16).eval()
+    assert unfitted.capabilities == set() and unfitted.codebooks is None
+    with pytest.raises(RuntimeError, match="not fitted"):
+        unfitted.encode(images)
+    unfitted.load_state_dict(model.state_dict(), strict=True)
+    assert unfitted.capabilities == {"codebooks"} and torch.equal(unfitted.encode(images), codes)
 
 
 # ----------------------------------------------------------------- configs / train.py

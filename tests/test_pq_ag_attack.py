@@ -150,3 +150,17 @@ def test_ranking_attacks_run_on_dpqn_through_embed(dpqn):
         result = attack(model, gallery, dpqn.queries[idx], idx)
         rank, clean = float(result.metrics["rank"].mean()), float(result.metrics["rank_clean"].mean())
         assert rank < clean if direction == "+" else rank > clean
+
+
+def test_registered_in_the_engine_with_the_paper_suite():
+    from pathlib import Path
+
+    from attacks import ATTACKS, Suite
+
+    suite = Suite.from_yaml(Path(__file__).resolve().parents[1] / "configs/suites/pqag_table.yaml")
+    assert [spec.attack for spec in suite.attacks] == ["PQ-AG:Basic", "PQ-AG:APD", "PQ-AG:AOD"]
+    for spec in suite.attacks:
+        entry = ATTACKS.get(spec.attack)
+        assert entry.protocol == "query_database" and entry.needs == {"codebooks"} and entry.metric == "ap_sdc"
+        attack = entry.build(spec.epsilons[0], None, suite.seed, **spec.options)
+        assert (attack.eps, attack.alpha, attack.steps, attack.random_start) == (8 / 255, 0.01, 5, True)
