@@ -12,7 +12,10 @@ optimization runs, not of single queries. Our reading, made precise:
 - the workload's curves are the means over queries: ``mAP(t)`` and ``l2(t)``;
 - "l2 at a preset mAP" (:meth:`AttackTrace.l2_at_map`): ``l2(t*)`` at the first check ``t*``
   where ``mAP(t*) <= bound`` (untargeted) or ``>= bound`` (targeted); if the bound is never
-  reached, the final ``l2`` flagged as not reached (the paper's underlined entries);
+  reached, the final ``l2`` flagged as not reached (the paper's underlined entries). SDHA keeps
+  shrinking the perturbation after the crossing (Eq. 1 minimizes l2 under the AP constraint),
+  so :meth:`AttackTrace.min_l2_at_map` also gives the smallest ``l2(t)`` over the checks past
+  the bound;
 - "mAP at an l2 budget" (:meth:`AttackTrace.map_at_l2`): ``mAP(t*)`` at the first check where
   ``l2(t*) >= budget``; if the attack never spends the budget, its best mAP over the run (the
   paper: "we fill the form with its best MAPs").
@@ -85,6 +88,16 @@ class AttackTrace:
         if hit.numel() == 0:
             return float(l2[-1]), False
         return float(l2[hit[0]]), True
+
+    def min_l2_at_map(self, bound: float) -> tuple[float, bool]:
+        """``(l2, reached)``: the smallest mean l2 over the checks where the workload's mAP is past
+        ``bound`` -- the best feasible point of Eq. (1) along the run, for attacks that keep
+        shrinking the perturbation after crossing; the final l2 and ``False`` if never past."""
+        hit = self._crossed(self.map_curve(), bound)
+        l2 = self.l2_curve()
+        if not bool(hit.any()):
+            return float(l2[-1]), False
+        return float(l2[hit].min()), True
 
     def map_at_l2(self, budget: float) -> float:
         """mAP when the workload's mean l2 first reaches ``budget``; the best mAP of the run if never."""

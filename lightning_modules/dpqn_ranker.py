@@ -85,7 +85,7 @@ class DPQNRanker(Ranker):
         recall_ks: Sequence[int] = (1, 2, 4, 8),
     ) -> None:
         super().__init__(recall_ks=tuple(recall_ks))
-        self.save_hyperparameters(ignore=["backbone", "loss", "input_normalization"])
+        self.save_config_hyperparameters(["backbone", "loss", "input_normalization"])
         num_codewords = split_bits(num_bits, num_codebooks)
         dim = feature_dim if feature_dim is not None else getattr(backbone, "embedding_dim", None)
         if not isinstance(dim, int) or dim < 1:

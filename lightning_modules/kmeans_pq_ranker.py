@@ -56,7 +56,7 @@ class KMeansPQRanker(Ranker):
         feature_dim: int | None = None,
     ) -> None:
         super().__init__(recall_ks=getattr(ranker, "recall_ks", (1, 2, 4, 8)))
-        self.save_hyperparameters(ignore=["ranker"])
+        self.save_config_hyperparameters(["ranker"])
         num_codewords = split_bits(num_bits, num_codebooks)
         dim = feature_dim if feature_dim is not None else getattr(getattr(ranker, "backbone", None),
                                                                   "embedding_dim", None)

@@ -34,13 +34,16 @@ import torch
 
 from sdha_common import encode_set, images_of, load_run  # noqa: I001  (sets up sys.path)
 from attacks import AttackTrace, DHTAAttack, Gallery, HAGAttack, HashingAttack, SDHAAttack
+from attacks.hashing_attack import PAPER_TANH_SCALES
 
 UNTARGETED = ("SDHA", "SDHA-UW", "HAG")
 TARGETED = ("SDHA-T", "SDHA-UW-T", "DHTA")
 
 
 def build_attacks(args: argparse.Namespace) -> dict[str, HashingAttack]:
-    common = {"eps": args.eps, "check_every": args.check_every, "topk": args.topk, "seed": args.seed}
+    scales = [(f, g * args.tanh_scale_factor) for f, g in PAPER_TANH_SCALES]
+    common = {"eps": args.eps, "check_every": args.check_every, "topk": args.topk, "seed": args.seed,
+              "tanh_scales": scales}
     sdha = {"steps": args.steps, "lr": args.lr, **common}
     baseline = {"steps": args.baseline_steps, **common}
     lag_u, lag_t = args.lagrange, args.lagrange_targeted or args.lagrange
@@ -107,7 +110,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
     head = "| attack | " + " | ".join(f"k = {b}" for b in bits) + " |"
     rule = "| --- |" + " --- |" * len(bits)
 
-    def l2_table(names: tuple[str, ...], bound: float, title: str) -> dict[str, list[float]]:
+    def l2_table(names: tuple[str, ...], bound: float, title: str, best: bool) -> dict[str, list[float]]:
         print(f"\n{title}\n\n{head}\n{rule}")
         values: dict[str, list[float]] = {}
         for name in names:
@@ -117,12 +120,20 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
                 if item is None:
                     cells.append("-")
                     continue
-                v = trace_of(item).l2_at_map(bound)
+                trace = trace_of(item)
+                v = trace.min_l2_at_map(bound) if best else trace.l2_at_map(bound)
                 cells.append(fmt_l2(v))
                 vals.append(v[0])
             values[name] = vals
             print(f"| {name} | " + " | ".join(cells) + " |")
         return values
+
+    def reductions(table: dict[str, list[float]], pairs: tuple[tuple[str, str], ...], what: str) -> None:
+        for mine, base in pairs:
+            if table.get(mine) and table.get(base) and len(table[mine]) == len(table[base]):
+                red = [1 - a / b for a, b in zip(table[mine], table[base]) if b > 0]
+                print(f"\n{mine} vs {base} ({what}): l2 {100 * sum(red) / len(red):.1f}% smaller on average "
+                      "over code lengths")
 
     print("\nClean mAP@1000 of the attacked workload (w.r.t. the query labels / the target labels)\n\n"
           + head + "\n" + rule)
@@ -132,14 +143,13 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
             first = next((results[b][n] for n in names if n in results[b]), None)
             cells.append("-" if first is None else f"{float(torch.tensor(first['ap'])[:, 0].mean()):.4f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
-    u = l2_table(UNTARGETED, args.untargeted_map,
-                 f"Untargeted (Table 2): mean l2 when mAP first reaches <= {args.untargeted_map} (* = never; final l2)")
-    t = l2_table(TARGETED, args.targeted_map,
-                 f"Targeted (Table 3): mean l2 when target mAP first reaches >= {args.targeted_map} (* = never; final l2)")
-    for mine, base, table in (("SDHA", "HAG", u), ("SDHA-UW", "HAG", u), ("SDHA-T", "DHTA", t), ("SDHA-UW-T", "DHTA", t)):
-        if table.get(mine) and table.get(base) and len(table[mine]) == len(table[base]):
-            red = [1 - a / b for a, b in zip(table[mine], table[base]) if b > 0]
-            print(f"\n{mine} vs {base}: l2 {100 * sum(red) / len(red):.1f}% smaller on average over code lengths")
+    for best, what in ((False, "first check past the preset"), (True, "smallest over the checks past the preset")):
+        u = l2_table(UNTARGETED, args.untargeted_map, f"Untargeted (Table 2): mean l2 when mAP <= {args.untargeted_map}, "
+                     f"{what} (* = never; final l2)", best)
+        reductions(u, (("SDHA", "HAG"), ("SDHA-UW", "HAG"), ("SDHA", "SDHA-UW")), what)
+        t = l2_table(TARGETED, args.targeted_map, f"Targeted (Table 3): mean l2 when target mAP >= {args.targeted_map}, "
+                     f"{what} (* = never; final l2)", best)
+        reductions(t, (("SDHA-T", "DHTA"), ("SDHA-UW-T", "DHTA"), ("SDHA-T", "SDHA-UW-T")), what)
 
     print("\nmAP after the attack / mean l2 / mean iterations per query\n\n" + head + "\n" + rule)
     for name in UNTARGETED + TARGETED:
@@ -185,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="SDHA Adam learning rate")
     parser.add_argument("--lagrange", type=float, default=20.0, help="SDHA alpha * K")
     parser.add_argument("--lagrange-targeted", type=float, default=None, help="targeted alpha * K (default: --lagrange)")
+    parser.add_argument("--tanh-scale-factor", type=float, default=1.0,
+                        help="multiplies the paper's gamma schedule (0.1 ... 1.0) of every attack")
     parser.add_argument("--hag-lr", type=float, default=500.0)
     parser.add_argument("--dhta-lr", type=float, default=1 / 255)
     parser.add_argument("--untargeted-map", type=float, default=0.1)

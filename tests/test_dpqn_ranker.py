@@ -196,3 +196,33 @@ def test_train_py_fits_dpqn_and_logs_sdc_and_adc_metrics(tmp_path, monkeypatch):
     assert {"val/map", "val/recall@1", "val/adc_map", "val/adc_recall@1", "val/nmi"} <= set(metrics)
     assert cli.trainer.checkpoint_callback.monitor == "val/adc_map"
     assert 0.0 <= float(metrics["val/adc_map"]) <= 1.0
+    # the checkpoint records the config: load_ranker rebuilds the whole DPQN (what eval.py does)
+    from lightning_modules import load_ranker
+
+    restored = load_ranker(cli.trainer.checkpoint_callback.best_model_path).eval()
+    x = torch.rand(4, 1, 28, 28)
+    assert isinstance(restored, DPQNRanker) and torch.equal(restored.encode(x), cli.model.eval().encode(x))
+
+
+def test_kmeans_pq_checkpoint_is_rebuilt_from_a_config_section(tiny_ranker):
+    """What eval.py does with scripts/pq_kmeans_checkpoint.py output: config -> model -> state dict."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_modules import Ranker
+
+    ranker = tiny_ranker.model
+    images = torch.stack([tiny_ranker.datamodule.eval_set[i][0] for i in range(100)])
+    with torch.no_grad():
+        fitted = KMeansPQRanker.fit(ranker, ranker.embed(images), num_bits=8, num_codebooks=2).eval()
+    section = {"class_path": "lightning_modules.KMeansPQRanker", "init_args": {
+        "ranker": {"class_path": "lightning_modules.MetricRanker", "init_args": {
+            "backbone": {"class_path": "lightning_modules.LeNet", "init_args": {"embedding_dim": 16}},
+            "loss": {"class_path": "pytorch_metric_learning.losses.TripletMarginLoss",
+                     "init_args": {"margin": 0.2, "distance": {
+                         "class_path": "pytorch_metric_learning.distances.CosineSimilarity"}}}}},
+        "num_bits": 8, "num_codebooks": 2, "feature_dim": 16}}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Ranker, "model", fail_untyped=False)
+    model = parser.instantiate_classes(parser.parse_object({"model": section})).model
+    model.load_state_dict(fitted.state_dict(), strict=True)
+    assert torch.equal(model.eval().encode(images), fitted.encode(images))

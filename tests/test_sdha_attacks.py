@@ -333,6 +333,12 @@ def test_trace_metrics():
     assert trace.l2_at_map(0.25) == pytest.approx((0.7, True))
     l2_never, reached = trace.l2_at_map(0.01)
     assert not reached and l2_never == pytest.approx(0.9)
+    assert trace.min_l2_at_map(0.25) == pytest.approx((0.7, True))
+    assert trace.min_l2_at_map(0.01) == pytest.approx((0.9, False))
+    shrinking = AttackTrace(torch.tensor([0, 10, 20]), torch.tensor([[0.9, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 1.0]]),
+                            targeted=False)
+    assert shrinking.l2_at_map(0.1) == pytest.approx((2.0, True))
+    assert shrinking.min_l2_at_map(0.1) == pytest.approx((1.0, True))
     assert trace.map_at_l2(0.5) == pytest.approx(0.2)
     assert trace.map_at_l2(5.0) == pytest.approx(0.05)  # budget never spent: best mAP
     assert trace.final() == pytest.approx((0.05, 0.9))

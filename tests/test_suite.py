@@ -33,7 +33,7 @@ def error_of(path: Path, registry: AttackRegistry = ATTACKS) -> str:
 def test_every_shipped_suite_parses(path):
     suite = Suite.from_yaml(path)
     assert suite.name == path.stem
-    assert {spec.attack for spec in suite.attacks} == {"CA+", "CA-", "QA+", "QA-", "ES"}
+    assert suite.attacks and all(spec.attack in ATTACKS for spec in suite.attacks)
     assert list(suite.configurations())
 
 
@@ -96,7 +96,7 @@ def test_bad_suites_give_one_line_errors(tmp_path, text, expected):
 def test_unknown_key_lists_the_allowed_keys(tmp_path):
     message = error_of(write(tmp_path, "attacks: [{attack: QA-, epsilons: [0.1], zi: 10}]"))
     assert "attacks[0] (QA-)" in message
-    assert "allowed keys: G, alpha, attack, epsilons, m, percent, random_start, steps, xi" in message
+    assert "allowed keys: G, alpha, attack, epsilons, m, percent, random_start, reduction, steps, xi" in message
 
 
 def test_missing_file():
