@@ -56,11 +56,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--topk", type=int, default=None, help="AP@topk instead of the whole ranking")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--transfer", action="store_true", help="also the AOD transfer matrix between the models")
     parser.add_argument("--pr-cutoffs", type=int, nargs="*", default=[],
                         help="also precision / recall at these ranking cut-offs (clean and attacked, to --json)")
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()
+    if args.transfer and "aod" not in args.variants:
+        parser.error("--transfer crafts AOD queries: keep aod in --variants")
     torch.manual_seed(0)
 
     queries, database = query_database()
@@ -73,7 +76,7 @@ def main() -> None:
             codes = torch.cat([model.encode(database.images[s : s + 1000]) for s in range(0, len(database.labels), 1000)])
         models[label], galleries[label] = model, Gallery(codes, database.labels)
         table[label], walls[label] = {}, {}
-        for variant in VARIANTS:
+        for variant in args.variants:
             attack = PQAGAttack(variant, eps=args.eps, alpha=args.step_size, steps=args.steps, topk=args.topk)
             started = time.perf_counter()
             results = [attack(model, galleries[label], queries.images[b], q_idx[b], query_labels=queries.labels[b])
@@ -97,7 +100,7 @@ def main() -> None:
     print(f"\n| | | {' | '.join(labels)} |")
     print(f"| --- | --- |{' --- |' * len(labels)}")
     for mode in ("sdc", "adc"):
-        for row in ("clean", *VARIANTS):
+        for row in ("clean", *args.variants):
             cells = " | ".join(f"{100 * table[lb][row][mode]:.1f}" for lb in labels)
             print(f"| {mode.upper() if row == 'clean' else ''} | {ROW_NAMES[row]} | {cells} |")
 

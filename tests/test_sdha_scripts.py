@@ -65,3 +65,17 @@ def test_tables_script_and_reprint(tiny_run, scripts_on_path, tmp_path, capsys):
     sdha_tables.main(["--from-json", str(out)])
     printed = capsys.readouterr().out
     assert "Untargeted (Table 2)" in printed and "| SDHA-T |" in printed and "Table 4 layout" in printed
+
+
+def test_eval_py_runs_the_sdha_quick_suite_on_a_dch_checkpoint(tiny_run, tmp_path, capsys):
+    import eval as eval_cli
+
+    torch.set_num_threads(1)
+    reports = eval_cli.main(["--ckpt", str(tiny_run), "--suite", str(REPO / "configs/suites/sdha_quick.yaml"),
+                             "--accelerator", "cpu", "--output-dir", str(tmp_path), "--no-progress"])
+    data = json.loads((tmp_path / "last.json").read_text())
+    rows = {r["attack"]: r for r in data["results"]}
+    assert set(rows) == {"SDHA", "SDHA-UW", "HAG", "SDHA-T", "SDHA-UW-T", "DHTA"}
+    for name in ("SDHA", "HAG"):
+        assert rows[name]["mean"] <= rows[name]["clean"]
+    assert len(reports) == 1 and "SDHA" in capsys.readouterr().out
