@@ -69,7 +69,7 @@ class DCHRanker(Ranker):
         if not isinstance(feature_dim, int):
             raise ValueError(f"DCHRanker needs a backbone with an int `embedding_dim`, got {type(backbone).__name__}")
         super().__init__(recall_ks=tuple(recall_ks))
-        self.save_hyperparameters(ignore=["backbone", "loss", "input_normalization"])
+        self.save_config_hyperparameters(["backbone", "loss", "input_normalization"])
         self.backbone = backbone
         self.hash_layer = nn.Linear(feature_dim, hash_bits)
         self.loss = loss if loss is not None else DCHLoss()
