@@ -181,12 +181,6 @@ class DPQNRanker(Ranker):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
-
     # ------------------------------------------------------- clean evaluation
     def _eval_pq_step(self, sdc: RetrievalMetrics, adc: RetrievalMetrics, batch: Any) -> None:
         x, y, idx = batch

@@ -49,6 +49,9 @@ class Ranker(pl.LightningModule):
     codebooks: Tensor | None = None
     #: number of code bits for hashing rankers, else ``None``.
     hash_bits: int | None = None
+    #: injected by subclasses: ``optimizer(params)`` and an optional ``lr_scheduler(optimizer)``.
+    optimizer_factory: Any = None
+    lr_scheduler_factory: Any = None
 
     def __init__(self, recall_ks: tuple[int, ...] = (1, 2, 4, 8)) -> None:
         super().__init__()
@@ -98,6 +101,15 @@ class Ranker(pl.LightningModule):
     def capabilities(self) -> set[str]:
         """Names of the optional capabilities this ranker has (``codebooks``, ``hash_bits``)."""
         return {name for name in ("codebooks", "hash_bits") if getattr(self, name) is not None}
+
+    def configure_optimizers(self) -> Any:
+        """The injected optimizer factory on all parameters, plus the scheduler if one is given."""
+        if self.optimizer_factory is None:
+            raise NotImplementedError(f"{type(self).__name__} was given no optimizer factory")
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     # ------------------------------------------------------- clean evaluation
     def _eval_step(self, metrics: RetrievalMetrics, batch: Any) -> None:
