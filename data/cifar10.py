@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,28 +46,12 @@ class CIFAR10DataModule(RetrievalDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 64,
-        samples_per_class: int = 8,
-        eval_batch_size: int = 500,
-        num_workers: int = 0,
-        protocol: Literal["gallery", "query_database"] = "gallery",
-        num_queries: int = 1000,
-        database: Literal["train", "test_rest"] = "train",
-        seed: int = 0,
         download: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            samples_per_class=samples_per_class,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            protocol=protocol,
-            num_queries=num_queries,
-            database=database,
-            seed=seed,
-        )
+        # the shared arguments (root, loaders, protocol, ...) are RetrievalDataModule's; jsonargparse
+        # follows **kwargs into it, so the CLI still lists them
+        super().__init__(**kwargs)
         self.download = download
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,32 +22,19 @@ class SyntheticDataModule(RetrievalDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
         batch_size: int = 16,
         samples_per_class: int = 4,
-        eval_batch_size: int = 500,
-        num_workers: int = 0,
-        protocol: Literal["gallery", "query_database"] = "gallery",
         num_queries: int = 16,
-        database: Literal["train", "test_rest"] = "train",
-        seed: int = 0,
         num_classes: int = 4,
         train_per_class: int = 32,
         test_per_class: int = 16,
         image_shape: tuple[int, int, int] = (1, 28, 28),
         noise_std: float = 0.1,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            samples_per_class=samples_per_class,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            protocol=protocol,
-            num_queries=num_queries,
-            database=database,
-            seed=seed,
-        )
+        # the shared arguments (root, loaders, protocol, ...) are RetrievalDataModule's; jsonargparse
+        # follows **kwargs into it, so the CLI still lists them
+        super().__init__(batch_size=batch_size, samples_per_class=samples_per_class, num_queries=num_queries, **kwargs)
         if num_classes < 2 or train_per_class < 1 or test_per_class < 1:
             raise ValueError("need num_classes >= 2 and train_per_class, test_per_class >= 1")
         if len(image_shape) != 3 or min(image_shape) < 1:
