@@ -19,6 +19,8 @@ sum over the relevant items ``sum_i w_i d(f, h_i)`` needs only ``sum_i w_i`` and
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -61,6 +63,19 @@ def ap_weights(hamming: Tensor, exponent: float) -> Tensor:
 
     The paper uses ``exponent = z >= 0`` for the untargeted attack (near relevant items count
     more) and ``-z`` for the targeted one (far target items count more).
+
+    ``hamming`` must hold integer values (Hamming distances). The weights are looked up in a
+    table of the ``max + 1`` possible values, computed in Python: a vectorized ``pow`` over the
+    ``[B, N]`` tensor rounds its scalar tail differently from its vector body, so a query's weights
+    (and its attack) would depend, in the last bit, on its row in the batch -- and DDP shards,
+    which batch queries differently, would not reproduce the single-process numbers.
     """
-    d = torch.where(hamming > 0, hamming, torch.full_like(hamming, 0.5))
-    return d.pow(-exponent)
+    if exponent == 0.0:
+        return torch.ones_like(hamming)
+    if hamming.numel() == 0:
+        return hamming.clone()
+    if not bool((hamming >= 0).all()) or not torch.equal(hamming, hamming.round()):
+        raise ValueError("ap_weights needs non-negative integer Hamming distances")
+    top = int(hamming.max())
+    table = [math.pow(0.5 if d == 0 else float(d), -exponent) for d in range(top + 1)]  # <= K + 1 entries
+    return torch.tensor(table, dtype=hamming.dtype, device=hamming.device)[hamming.long()]

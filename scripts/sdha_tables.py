@@ -19,6 +19,8 @@ Results are merged into ``--out`` (JSON, traces included) so runs can be split o
     nice -n 10 .venv/bin/python scripts/sdha_tables.py --ckpt runs/fashion_mnist_dch_{16,32,48,64}/version_0/checkpoints/last.ckpt \\
         --out runs/sdha/tables.json
     .venv/bin/python scripts/sdha_tables.py --from-json runs/sdha/tables.json
+
+Several ``--from-json`` files are merged (e.g. one per code length, run as separate processes).
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", nargs="*", default=[], help="DCH checkpoints (one per code length)")
-    parser.add_argument("--from-json", default=None, help="only print the tables of a results file")
+    parser.add_argument("--from-json", nargs="+", default=None,
+                        help="only print the tables of results files (merged; e.g. one per code length)")
     parser.add_argument("--out", default="runs/sdha/tables.json")
     parser.add_argument("--attacks", nargs="*", choices=UNTARGETED + TARGETED, default=None)
     parser.add_argument("--queries", type=int, default=100)
@@ -208,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        # Code lengths run as separate processes write separate files; later files win per attack.
+        results = {}
+        for path in args.from_json:
+            for bits, entry in json.loads(Path(path).read_text()).items():
+                results.setdefault(bits, {}).update(entry)
     elif args.ckpt:
         results = run(args)
     else:

@@ -115,4 +115,4 @@ def test_world_size_two_gives_the_single_process_numbers(dch_split):
     for rank in (0, 1):
         for a, b in zip(single.results, outputs[rank].results, strict=True):
             assert (a.attack, a.mean, a.clean, a.count) == (b.attack, b.mean, b.clean, b.count), rank
-            assert a.extra == pytest.approx(b.extra, nan_ok=True)
+            assert a.extra == b.extra, rank  # exact: per-query numbers do not depend on the batch

@@ -1,0 +1,106 @@
+"""The deep-hashing suite through eval.py: world size 2 (gloo, 2 CPU processes) gives exactly the
+numbers of world size 1 (issue 6, done-when 2), on a tiny DCH trained by train.py on synthetic data.
+
+tests/test_sdha_engine.py checks the same property in one process with threads standing in for
+ranks; this runs the real thing: eval.py's DDP launch, the query / database split rebuilt from the
+run's config on every rank, sharded queries and the gathered per-query results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# All six hashing attacks of configs/suites/sdha_fashion_mnist.yaml, shrunk: T = 13 queries (odd, so
+# one rank attacks 7 and the other 6 + padding; batches of 4 leave a ragged last batch on both), few
+# iterations, topk below the database size. eps 0.3: the synthetic classes are far apart, and the
+# attacks must actually move AP for the comparison to mean something.
+SUITE = """
+name: sdha-ddp-test
+num_samples: 13
+seed: 0
+batch_size: 4
+attacks:
+  - {attack: SDHA, epsilons: [0.3], steps: 12, check_every: 4, lagrange: 100, topk: 16}
+  - {attack: SDHA-UW, epsilons: [0.3], steps: 12, check_every: 4, lagrange: 100, topk: 16}
+  - {attack: HAG, epsilons: [0.3], steps: 12, check_every: 4, topk: 16}
+  - {attack: SDHA-T, epsilons: [0.3], steps: 12, check_every: 4, lagrange: 100, topk: 16, target_label: random}
+  - {attack: SDHA-UW-T, epsilons: [0.3], steps: 12, check_every: 4, lagrange: 100, topk: 16, target_label: random}
+  - {attack: DHTA, epsilons: [0.3], steps: 12, check_every: 4, alpha: 0.01, topk: 16, target_label: random}
+"""
+ATTACKS = ["SDHA", "SDHA-UW", "HAG", "SDHA-T", "SDHA-UW-T", "DHTA"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dch_run(tmp_path_factory) -> dict[str, Path]:
+    """``train.py fit`` of the 16-bit DCH config shrunk to a LeNet(32-d) on synthetic data with a
+    query / database split (24 queries, the other 40 test images the database)."""
+    root = tmp_path_factory.mktemp("sdha_ddp")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        train.main([
+            "fit", "--config", str(REPO / "configs/fashion_mnist_dch_16.yaml"),
+            "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+            "--trainer.logger.init_args.name", "tiny_dch",
+            "--model.init_args.backbone", "lightning_modules.LeNet",
+            "--model.init_args.backbone.init_args.embedding_dim", "32",
+            "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+            "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
+            "--data.num_queries", "24", "--data.database", "test_rest",
+        ])
+    finally:
+        os.chdir(cwd)
+    run = root / "runs" / "tiny_dch" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["init_args"]["protocol"] == "query_database"  # eval.py builds the split from it
+    assert config["model"]["init_args"]["hash_bits"] == 16
+    (root / "suite.yaml").write_text(SUITE)
+    return {"ckpt": ckpt, "suite": root / "suite.yaml"}
+
+
+def numbers(report: dict) -> dict:
+    """A report without its wall times (which differ from run to run)."""
+    results = [{k: v for k, v in r.items() if k != "wall_s"} for r in report["results"]]
+    return {"results": results, "clean": report["clean"], "score": report["robustness_score"],
+            "T": report["num_samples"], "indices": report["attacked_indices"]}
+
+
+@pytest.mark.slow
+def test_sdha_suite_ddp_world_size_2_equals_world_size_1(tiny_dch_run, tmp_path):
+    """Query shards reduced in query-index order, random target labels keyed per query, fixed batch
+    shapes (the engine pads, the hashing loop masks stopped queries instead of dropping them): the
+    gloo run must match bit for bit, no tolerance."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    reports = {}
+    for devices in (2, 1):
+        out = tmp_path / f"devices{devices}"
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "eval.py"), "--ckpt", str(tiny_dch_run["ckpt"]),
+             "--suite", str(tiny_dch_run["suite"]), "--accelerator", "cpu", "--devices", str(devices),
+             "--output-dir", str(out), "--no-progress"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[devices] = json.loads((out / f"{tiny_dch_run['ckpt'].stem}.json").read_text())
+    assert reports[2]["world_size"] == 2 and reports[1]["world_size"] == 1
+    by_name = {r["attack"]: r for r in reports[1]["results"] if r["metric"] == "ap"}
+    assert list(by_name) == ATTACKS, reports[1].get("skipped")
+    for name, r in by_name.items():  # not vacuous: all 13 queries attacked, AP moved the attack's way
+        assert r["T"] == 13, name
+        if name in ("SDHA", "SDHA-UW", "HAG"):
+            assert r["mean"] < r["clean"], name
+        else:
+            assert r["mean"] > r["clean"], name
+    assert numbers(reports[2]) == numbers(reports[1])
