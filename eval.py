@@ -21,6 +21,19 @@ after), so an interrupted run never replaces a finished report. With several che
 side-by-side ``comparison.md`` (ECCV 2020 Table 3 layout) goes to ``--output-dir`` or the first
 checkpoint's report folder. The Markdown tables are printed.
 
+Two more modes share the loading and the error handling:
+
+- **universal suites** (``kind: universal``, e.g. ``configs/suites/universal_eccv2020.yaml``,
+  ``configs/suites/uap_retrieval.yaml``): ``eval.py --ckpt X --suite U.yaml`` fits one
+  perturbation per configuration on a fit set of X and measures it on that set and on a disjoint
+  unseen set (ECCV 2020 Table 6; UAP-IR mAP / mP@10 / mDR), single process. Outputs:
+  ``<ckpt-stem>.<suite-name>.json`` / ``.md`` / ``.pt`` (the perturbations) and TensorBoard
+  events (perturbation images, effect curves) under ``<output-dir>/tensorboard/``.
+- **transfer**: ``eval.py --source A.ckpt [B.ckpt ...] --ckpt A.ckpt B.ckpt C.ckpt --suite S.yaml``
+  crafts each CA / QA configuration of the (ranking) suite white-box on every source and measures
+  the same adversarial images on every target of ``--ckpt`` (ECCV 2020 Table 5): a source x
+  target matrix per configuration in ``transfer_<suite-name>.json`` / ``.md``.
+
 Every argument error (a missing checkpoint, a file that is not a Ranker checkpoint, an unknown
 attack or a typo in the suite, an epsilon out of range, a w / m larger than the gallery, a bad
 data config) is one line, ``eval.py: error: ...``, exit code 2, before any attack runs.
@@ -54,8 +67,17 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Robustness benchmark of ranker checkpoints (attack suites).")
-    parser.add_argument("--ckpt", nargs="+", required=True, metavar="CKPT", help="checkpoint file(s)")
-    parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/suites/eccv2020_28x28.yaml")
+    parser.add_argument("--ckpt", nargs="+", required=True, metavar="CKPT",
+                        help="checkpoint file(s); with --source: the target models")
+    parser.add_argument("--suite", required=True,
+                        help="suite YAML, e.g. configs/suites/eccv2020_28x28.yaml (a 'kind: universal' suite "
+                             "fits universal perturbations)")
+    parser.add_argument("--source", nargs="+", default=None, metavar="SRC",
+                        help="transfer mode: craft the suite's CA / QA attacks on these checkpoints and measure "
+                             "them on every --ckpt (ECCV 2020 Table 5 matrix)")
+    parser.add_argument("--gallery-size", type=int, default=None, metavar="G",
+                        help="transfer only: rank against a seeded random subset of G items of X instead of all "
+                             "of X (every model uses the same subset; for slow models on a CPU)")
     parser.add_argument("--num-samples", type=int, default=None, metavar="T",
                         help="attacked samples T (overrides the suite; -1 = whole gallery)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
@@ -84,6 +106,17 @@ class _Job:
 
 
 # --------------------------------------------------------------------------- preparation
+def load_suite(args: argparse.Namespace) -> Any:
+    """The suite of ``--suite`` (ranking or universal) with the CLI overrides; raise :class:`EvalError`."""
+    from attacks.suite import SUITE_KINDS, Suite, SuiteError
+
+    try:
+        suite = Suite.from_yaml(args.suite, kinds=SUITE_KINDS)
+        return suite.with_overrides(num_samples=args.num_samples, batch_size=args.batch_size)
+    except SuiteError as err:
+        raise EvalError(str(err)) from None
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -175,7 +208,7 @@ def load_ranker(ckpt: Path, model_section: dict[str, Any] | None, where: str) ->
 
 def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
     """Validate every argument and load every checkpoint / data module; raise :class:`EvalError`."""
-    from attacks.suite import Suite, SuiteError
+    from attacks.suite import SuiteError
     from data import RetrievalDataModule
 
     ckpts = [Path(p) for p in args.ckpt]
@@ -193,11 +226,10 @@ def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
     data_config = Path(args.data_config) if args.data_config else None
     if data_config is not None and not data_config.is_file():
         raise EvalError(f"--data-config {data_config} does not exist")
-    try:
-        suite = Suite.from_yaml(args.suite)
-        suite = suite.with_overrides(num_samples=args.num_samples, batch_size=args.batch_size)
-    except SuiteError as err:
-        raise EvalError(str(err)) from None
+    suite = load_suite(args)
+    if suite.kind == "universal" and args.devices != 1:
+        raise EvalError(f"--devices {args.devices}: universal suites fit one perturbation in a single process; "
+                        "use --devices 1")
     jobs: list[_Job] = []
     for ckpt in ckpts:
         model_section, data_section, where = _run_config(ckpt, data_config)
@@ -216,7 +248,9 @@ def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
             raise EvalError(str(err)) from None
         out_dir = Path(args.output_dir) if args.output_dir else run_dir(ckpt) / "robustness"
         title = f"{run_dir(ckpt).name}/{ckpt.stem}"
-        json_path, md_path = out_dir / f"{ckpt.stem}.json", out_dir / f"{ckpt.stem}.md"
+        # A universal report is named after its suite, so it never replaces the per-sample report.
+        stem = ckpt.stem if suite.kind == "ranking" else f"{ckpt.stem}.{suite.name}"
+        json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
         jobs.append(_Job(ckpt, model, datamodule, json_path, md_path, title))
     stems = [job.json_path for job in jobs]
     if len(set(stems)) != len(stems):
@@ -266,14 +300,472 @@ def evaluate(job: _Job, args: argparse.Namespace) -> Any:
     return report
 
 
+# --------------------------------------------------------------------------- shared by the universal / transfer modes
+def _device(args: argparse.Namespace) -> Any:
+    import torch
+
+    return torch.device("cuda" if args.accelerator in ("gpu", "auto") and torch.cuda.is_available() else "cpu")
+
+
+def gallery_tensors(datamodule: Any, batch_size: int = 1000) -> tuple[Any, Any]:
+    """X (``datamodule.eval_set``) as ``(images [N, C, H, W], labels [N])``, in index order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data.retrieval_batch import collate_retrieval_batch
+
+    loader = DataLoader(datamodule.eval_set, batch_size=batch_size, shuffle=False,
+                        collate_fn=collate_retrieval_batch)
+    images, labels = [], []
+    for batch in loader:
+        images.append(batch[0])
+        labels.append(batch[1])
+    return torch.cat(images), torch.cat(labels)
+
+
+def _write_outputs(json_path: Path, md_path: Path, data: dict[str, Any], markdown: str) -> dict[str, Any]:
+    """Markdown first, JSON last (both atomic), as :meth:`attacks.report.Report.write` does.
+
+    Returns the data as written (JSON types: tuples become lists), so callers see what the file holds.
+    """
+    import json
+
+    from attacks.report import write_atomic
+
+    text = json.dumps(data, indent=2, allow_nan=True) + "\n"
+    write_atomic(md_path, markdown)
+    write_atomic(json_path, text)
+    return json.loads(text)
+
+
+def _common_meta(suite: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    import datetime
+
+    from attacks.report import Report
+
+    return {"suite": suite.to_dict(), "suite_file": suite.source, "seed": suite.seed,
+            "versions": Report.environment(), "device": str(device),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def clean_metrics(model: Any, gallery: Any) -> dict[str, float]:
+    """Clean Recall@1 / mAP / MAP@R of X against itself (self excluded), as the robustness reports give them."""
+    import torch
+
+    from retrieval.metrics import evaluate_retrieval
+
+    with torch.no_grad():
+        metrics = evaluate_retrieval(gallery.embeddings, gallery.labels, gallery.embeddings, gallery.labels,
+                                     model.distance, exclude_self=True, recall_ks=(1,), nmi=False)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _mean(values: Any) -> float:
+    return float(values.double().nanmean())
+
+
+# --------------------------------------------------------------------------- universal suites
+class _TaggedWriter:
+    """Prefixes every TensorBoard tag with the configuration, so eps / resize variants do not collide."""
+
+    def __init__(self, writer: Any, prefix: str) -> None:
+        self.writer, self.prefix = writer, prefix
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> Any:
+        return self.writer.add_scalar(f"{self.prefix}/{tag}", value, global_step)
+
+    def add_image(self, tag: str, img: Any, global_step: int) -> Any:
+        return self.writer.add_image(f"{self.prefix}/{tag}", img, global_step)
+
+
+def _config_label(config: Any) -> str:
+    """``I-CA+ eps=0.3 w=1``, ``UAP-IR:list eps=0.03 resize=[0.5, 1.5]``, ``UAP-IR:pair eps=0.1 negative=nearest``.
+
+    Unique per configuration of a suite (it keys the saved perturbations and the TensorBoard tags).
+    """
+    resize = config.options.get("resize_range")
+    label = config.label + ("" if resize is None else f" resize=[{resize[0]:g}, {resize[1]:g}]")
+    others = {k: v for k, v in config.options.items() if k not in ("resize_range", "input_size", "eval_scales")}
+    return " ".join([label, *(f"{k}={v}" for k, v in others.items())])
+
+
+def check_universal_model(job: _Job, suite: Any) -> None:
+    """Fail early (one line) when a UAP-IR entry resizes queries but the model takes only one input size."""
+    import torch
+
+    from attacks.attack_registry import UNIVERSAL_ATTACKS
+    from attacks.uap_retrieval import UAPRetrieval
+
+    dataset = job.datamodule.eval_set
+    x = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))])  # a 2-image probe
+    for config in suite.configurations():
+        attack = UNIVERSAL_ATTACKS.get(config.attack).build(config.eps, config.size, suite.seed, **config.options)
+        if not isinstance(attack, UAPRetrieval):
+            continue
+        scales = [*attack.eval_scales, *(attack.resize_range or ())]  # type: ignore[attr-defined]
+        for scale in scales:
+            size = (max(1, round(scale * x.shape[-2])), max(1, round(scale * x.shape[-1])))
+            try:
+                with torch.no_grad():
+                    attack._forward(job.model.eval(), torch.nn.functional.interpolate(x, size=size, mode="bilinear"))
+            except RuntimeError as err:
+                raise EvalError(
+                    f"{job.ckpt}: {_config_label(config)}: the model does not take {size[0]}x{size[1]} inputs "
+                    f"({_one_line(err)[:120]}); add input_size: [{x.shape[-2]}, {x.shape[-1]}] to the suite entry "
+                    "(queries are then resized to the model's input size) or use a backbone with global pooling"
+                ) from None
+
+
+def evaluate_universal(job: _Job, suite: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Fit every configuration of a universal suite on ``job``'s model; write JSON / Markdown / perturbations."""
+    import time
+
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from attacks.attack_registry import UNIVERSAL_ATTACKS
+    from attacks.gallery import Gallery
+    from attacks.transfer import embed_all
+    from attacks.uap_retrieval import UAPRetrieval
+    from attacks.universal_ranking_attack import fit_unseen_split
+
+    start = time.perf_counter()
+    device = _device(args)
+    model = job.model.to(device)
+    images, labels = gallery_tensors(job.datamodule)
+    images, labels = images.to(device), labels.to(device)
+    gallery = Gallery(embed_all(model, images, suite.batch_size), labels)
+    clean = clean_metrics(model, gallery)
+    embed_wall = time.perf_counter() - start
+    n = images.shape[0]
+    fit, unseen = fit_unseen_split(n, size=suite.fit_size(n), seed=suite.seed)  # disjoint, seeded (Table 6)
+    tb_dir = job.json_path.parent / "tensorboard" / job.json_path.stem
+    writer = SummaryWriter(str(tb_dir))
+    results: list[dict[str, Any]] = []
+    perturbations: dict[str, Any] = {}
+    try:
+        for config in suite.configurations():
+            attack = UNIVERSAL_ATTACKS.get(config.attack).build(config.eps, config.size, suite.seed,
+                                                                batch_size=suite.batch_size, **config.options)
+            label = _config_label(config)
+            logger = _TaggedWriter(writer, label.replace(" ", "_"))
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"attack": config.attack, "eps": config.eps, "hparams": attack.hparams,
+                                   "options": dict(config.options)}
+            if config.size_key:
+                row[config.size_key] = config.size
+            if isinstance(attack, UAPRetrieval):
+                res = attack(model, gallery, images[fit], labels[fit], images[unseen], labels[unseen], fit, unseen,
+                             logger=logger, progress=not args.no_progress)
+                row["resize_range"] = None if attack.resize_range is None else list(attack.resize_range)
+                row["fit"], row["unseen"] = res.fit, res.unseen
+                # The frozen r at other input sizes (the slides' "effects of resizing"), unseen queries.
+                row["unseen_at_scale"] = {
+                    f"{s:g}": attack.evaluate(model, gallery, images[unseen], labels[unseen], res.perturbation,
+                                              unseen, scale=s)
+                    for s in attack.eval_scales}  # type: ignore[attr-defined]
+            else:
+                res = attack(model, gallery, images[fit], fit, images[unseen], unseen, logger=logger,
+                             progress=not args.no_progress)
+                row["fit"] = {k: _mean(v) for k, v in res.fit.items()}
+                row["unseen"] = {k: _mean(v) for k, v in (res.unseen or {}).items()}
+                row["fit_std"] = {k: float(v.double().std()) for k, v in res.fit.items()}
+            row["history"], row["wall_s"] = res.history, time.perf_counter() - t0
+            results.append(row)
+            perturbations[label] = res.perturbation.detach().cpu()
+            if not args.no_progress:
+                print(f"{label}: fit {row['fit']} unseen {row['unseen']} ({row['wall_s']:.0f} s)", file=sys.stderr)
+    finally:
+        writer.close()
+    data = {"format": "robust-ranking/universal-report/v1", "checkpoint": str(job.ckpt), "title": job.title,
+            **_common_meta(suite, args, device), "clean": clean, "gallery_size": n, "fit_size": int(fit.numel()),
+            "fit_indices": fit.tolist(), "unseen_indices": unseen.tolist(), "results": results,
+            "embed_wall_s": embed_wall, "wall_s": time.perf_counter() - start, "tensorboard": str(tb_dir)}
+    pt_path = job.json_path.with_suffix(".pt")
+    pt_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(perturbations, pt_path)
+    return _write_outputs(job.json_path, job.md_path, data, universal_markdown(data))
+
+
+def universal_markdown(data: dict[str, Any]) -> str:
+    """Table 6 layout for I-CA / I-QA (rows eps x set, cells clean→adversarial) and a UAP-IR table."""
+    lines = [f"# Universal perturbations: {data['title']} ({data['suite']['name']})", "",
+             f"fit set: {data['fit_size']} samples of X, unseen set: {data['fit_size']} others "
+             f"(|X| = {data['gallery_size']}, seed {data['seed']}); clean R@1 {data['clean']['recall@1']:.4f}, "
+             f"mAP {data['clean']['map']:.4f}; wall {data['wall_s']:.0f} s", ""]
+    ranking = [r for r in data["results"] if "resize_range" not in r]
+    uap = [r for r in data["results"] if "resize_range" in r]
+    if ranking:
+        def column(r: dict[str, Any]) -> str:  # "I-CA+ w=1", "I-CA+ w=1 shared" (one target set for all)
+            shared = " shared" if r["hparams"].get("shared_targets") else ""
+            return f"{r['attack']} {'w' if 'w' in r else 'm'}={r.get('w', r.get('m'))}{shared}"
+
+        columns: list[str] = []
+        for r in ranking:
+            col = column(r)
+            if col not in columns:
+                columns.append(col)
+        lines += ["| ε | set | " + " | ".join(columns) + " |", "| --- | --- |" + " ---: |" * len(columns)]
+        for eps in sorted({r["eps"] for r in ranking}):
+            for split in ("fit", "unseen"):
+                cells = []
+                for col in columns:
+                    match = [r for r in ranking if r["eps"] == eps and column(r) == col]
+                    cells.append(f"{match[0][split]['rank_clean']:.1f}→{match[0][split]['rank']:.1f}"
+                                 if match and match[0][split] else "")
+                lines.append(f"| {eps:g} | {'seen (fit)' if split == 'fit' else 'unseen'} | " + " | ".join(cells) + " |")
+        lines += ["", "Cells: mean normalized rank (%) of the attacked candidates (I-CA) / targets (I-QA), "
+                  "clean→with the universal perturbation; \"+\" lowers it, \"-\" raises it.", ""]
+    if uap:
+        scales = sorted({s for r in uap for s in r["unseen_at_scale"] if s != "1"}, key=float)
+        shown = ("resize_range", "input_size", "eval_scales")  # in their own columns / the suite
+
+        def variant(r: dict[str, Any]) -> str:  # the entry's other options, e.g. "negative=nearest"
+            return " ".join(f"{k}={v}" for k, v in r.get("options", {}).items() if k not in shown)
+
+        with_options = any(variant(r) for r in uap)
+        head = ["attack", *(["options"] if with_options else []), "ε", "resize range", "set", "mAP clean", "mAP",
+                "mP@10 clean", "mP@10", "mDR"]
+        head += [f"mDR unseen @{s}x" for s in scales]
+        left = 5 if with_options else 4
+        lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * left + " ---: |" * (len(head) - left)]
+        for r in uap:
+            resize = "none" if r["resize_range"] is None else f"[{r['resize_range'][0]:g}, {r['resize_range'][1]:g}]"
+            for split in ("fit", "unseen"):
+                m = r[split]
+                cells = [r["attack"], *([variant(r)] if with_options else []), f"{r['eps']:g}", resize, split,
+                         *(f"{m[k]:.3f}" for k in ("mAP_clean", "mAP", "mP@10_clean", "mP@10", "mDR"))]
+                cells += [f"{r['unseen_at_scale'][s]['mDR']:.3f}" if split == "unseen" and s in r["unseen_at_scale"]
+                          else "" for s in scales]
+                lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "mAP over the whole ranking of X (self excluded), mP@10, mDR = (mAP_clean - mAP) / mAP_clean.",
+                  ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------- transfer
+@dataclass
+class _TransferPlan:
+    suite: Any
+    models: dict[str, Any]  # name -> model, every source and target once
+    ckpts: dict[str, str]
+    sources: list[str]
+    targets: list[str]
+    datamodule: Any
+    json_path: Path
+    md_path: Path
+
+
+def _model_names(paths: list[Path]) -> list[str]:
+    """Short unique names: the experiment (``runs/<name>/version_N``), then name/version, then + stem, then the path."""
+    def experiment(p: Path) -> str:
+        run = run_dir(p)
+        return run.parent.name if run.name.startswith("version_") and run.parent.name else run.name
+
+    for name_of in (experiment, lambda p: f"{experiment(p)}/{run_dir(p).name}" if run_dir(p).name != experiment(p)
+                    else experiment(p), lambda p: f"{experiment(p)}/{run_dir(p).name}/{p.stem}", str):
+        names = [name_of(p) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def prepare_transfer(args: argparse.Namespace) -> _TransferPlan:
+    """Validate a ``--source`` run and load every model and the shared gallery X; raise :class:`EvalError`."""
+    from attacks.attack_registry import ATTACKS
+    from attacks.candidate_attack import CandidateAttack
+    from attacks.query_attack import QueryAttack
+    from attacks.suite import SuiteError
+    from data import RetrievalDataModule
+
+    paths = list(dict.fromkeys(Path(p) for p in [*args.source, *args.ckpt]))  # each model loaded once
+    for ckpt in paths:
+        if not ckpt.is_file():
+            raise EvalError(f"checkpoint {ckpt} does not exist")
+    if args.devices != 1:
+        raise EvalError(f"--devices {args.devices}: transfer runs in a single process; use --devices 1")
+    if args.accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise EvalError("--accelerator gpu: no GPU visible")
+    suite = load_suite(args)
+    if args.gallery_size is not None and args.gallery_size < 2:
+        raise EvalError(f"--gallery-size must be >= 2, got {args.gallery_size}")
+    if suite.kind != "ranking":
+        raise EvalError(f"--source: {args.suite} is a {suite.kind} suite; transfer takes per-sample CA / QA attacks "
+                        "(e.g. configs/suites/transfer_eccv2020.yaml)")
+    for config in suite.configurations():
+        attack = ATTACKS.get(config.attack).build(config.eps, config.size, suite.seed, **config.options)
+        if not isinstance(attack, (CandidateAttack, QueryAttack)):
+            raise EvalError(f"--source: {config.attack} cannot be transferred (transfer measures the normalized rank "
+                            "of CA / QA attacks on the targets); remove it from the suite")
+    data_config = Path(args.data_config) if args.data_config else None
+    if data_config is not None and not data_config.is_file():
+        raise EvalError(f"--data-config {data_config} does not exist")
+    names = _model_names(paths)
+    models, ckpts, data_sections = {}, {}, {}
+    for name, ckpt in zip(names, paths):
+        model_section, data_section, where = _run_config(ckpt, data_config)
+        models[name], ckpts[name] = load_ranker(ckpt, model_section, where), str(ckpt)
+        if data_section is not None:
+            data_sections[name] = (data_section, where)
+    if not data_sections:
+        raise EvalError("no data config: none of the checkpoints has a run config.yaml with a 'data' section; "
+                        "pass --data-config")
+    # Transfer compares models on ONE gallery X: every run must have been trained / evaluated on the same data.
+    classes = {sec.get("class_path") for sec, _ in data_sections.values()}
+    if len(classes) > 1:
+        raise EvalError(f"the checkpoints use different data modules ({', '.join(sorted(map(str, classes)))}); "
+                        "transfer needs one gallery X: pass --data-config")
+    section, where = next(iter(data_sections.values()))
+    datamodule = _instantiate(section, RetrievalDataModule, "data", where)
+    try:
+        datamodule.setup("test")
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise EvalError(f"{where}: cannot load the data ({_one_line(err)[:300]})") from None
+    n = len(datamodule.eval_set)
+    if args.gallery_size is not None and args.gallery_size > n:
+        raise EvalError(f"--gallery-size {args.gallery_size} is larger than X ({n} items)")
+    try:
+        suite.check_gallery(n if args.gallery_size is None else args.gallery_size)
+    except SuiteError as err:
+        raise EvalError(str(err)) from None
+    sources = [names[paths.index(Path(p))] for p in dict.fromkeys(args.source)]
+    targets = [names[paths.index(Path(p))] for p in dict.fromkeys(args.ckpt)]
+    out_dir = Path(args.output_dir) if args.output_dir else run_dir(Path(args.source[0])) / "robustness"
+    stem = f"transfer_{suite.name}"
+    return _TransferPlan(suite, models, ckpts, sources, targets, datamodule, out_dir / f"{stem}.json",
+                         out_dir / f"{stem}.md")
+
+
+def evaluate_transfer(plan: _TransferPlan, args: argparse.Namespace) -> dict[str, Any]:
+    """Every configuration of the suite: craft on each source, measure on each target (ECCV 2020 Table 5)."""
+    import time
+
+    import torch
+
+    from attacks.attack_registry import ATTACKS
+    from attacks.gallery import Gallery
+    from attacks.transfer import embed_all, transfer_attack
+
+    start = time.perf_counter()
+    suite = plan.suite
+    device = _device(args)
+    images, labels = gallery_tensors(plan.datamodule)
+    subset = None
+    if args.gallery_size is not None and args.gallery_size < images.shape[0]:
+        # A seeded subset of X (stream seed + 1, independent of the attacked-sample draw) is the gallery
+        # of every model: the same protocol at a fraction of the cost of embedding X with each model.
+        generator = torch.Generator().manual_seed(suite.seed + 1)
+        subset = torch.randperm(images.shape[0], generator=generator)[: args.gallery_size].sort().values
+        images, labels = images[subset], labels[subset]
+    images, labels = images.to(device), labels.to(device)
+    models = {name: model.to(device) for name, model in plan.models.items()}
+    # Each model embeds X once; every attack, source and target reuses it.
+    galleries = {name: Gallery(embed_all(model, images, suite.batch_size), labels) for name, model in models.items()}
+    clean = {name: clean_metrics(models[name], gallery) for name, gallery in galleries.items()}
+    embed_wall = time.perf_counter() - start
+    n = images.shape[0]
+    # The engine's choice of attacked samples (RobustnessEvaluator.attacked_indices): same seed, same T.
+    indices = torch.randperm(n, generator=torch.Generator().manual_seed(suite.seed))[: suite.num_attacked(n)]
+    targets = {name: models[name] for name in plan.targets}
+    results = []
+    for config in suite.configurations():
+        attack = ATTACKS.get(config.attack).build(config.eps, config.size, suite.seed, **config.options)
+        row: dict[str, Any] = {"attack": config.attack, "eps": config.eps, "hparams": attack.hparams,
+                               "matrix": {}, "wall_s": {}}
+        if config.size_key:
+            row[config.size_key] = config.size
+        for src in plan.sources:
+            t0 = time.perf_counter()
+            res = transfer_attack(models[src], targets, attack, images, labels, indices, suite.batch_size,
+                                  source_gallery=galleries[src], target_galleries=galleries,
+                                  progress=not args.no_progress)
+            row["matrix"][src] = {
+                tgt: {"rank_clean": _mean(res.rank_clean[tgt]), "rank": _mean(res.rank[tgt]),
+                      "rank_std": float(res.rank[tgt].double().std()) if len(indices) > 1 else 0.0}
+                for tgt in plan.targets}
+            row["wall_s"][src] = time.perf_counter() - t0
+            if not args.no_progress:
+                print(f"{config.label} from {src}: "
+                      + ", ".join(f"{t} {v['rank_clean']:.1f}->{v['rank']:.1f}" for t, v in row["matrix"][src].items())
+                      + f" ({row['wall_s'][src]:.0f} s)", file=sys.stderr)
+        results.append(row)
+        if len(results) < len(list(suite.configurations())):  # progress: the finished matrices so far
+            partial = {"format": "robust-ranking/transfer-report/v1", "partial": True,
+                       **_common_meta(suite, args, device), "sources": {s: plan.ckpts[s] for s in plan.sources},
+                       "targets": {t: plan.ckpts[t] for t in plan.targets}, "clean": clean, "gallery_size": n,
+                       "num_samples": int(indices.numel()), "results": results,
+                       "wall_s": time.perf_counter() - start}
+            stem = plan.json_path.stem
+            _write_outputs(plan.json_path.with_name(f"{stem}.partial.json"),
+                           plan.md_path.with_name(f"{stem}.partial.md"), partial, transfer_report_markdown(partial))
+    data = {"format": "robust-ranking/transfer-report/v1", **_common_meta(suite, args, device),
+            "sources": {s: plan.ckpts[s] for s in plan.sources}, "targets": {t: plan.ckpts[t] for t in plan.targets},
+            "clean": clean,
+            "gallery_size": n, "gallery_subset": None if subset is None else subset.tolist(),
+            "num_samples": int(indices.numel()), "attacked_indices": indices.tolist(),
+            "results": results, "embed_wall_s": embed_wall, "wall_s": time.perf_counter() - start}
+    written = _write_outputs(plan.json_path, plan.md_path, data, transfer_report_markdown(data))
+    plan.json_path.with_name(f"{plan.json_path.stem}.partial.json").unlink(missing_ok=True)
+    plan.md_path.with_name(f"{plan.md_path.stem}.partial.md").unlink(missing_ok=True)
+    return written
+
+
+def transfer_report_markdown(data: dict[str, Any]) -> str:
+    """One "From \\ To" matrix per configuration (ECCV 2020 Table 5 layout), cells clean→adversarial."""
+    from attacks.transfer import transfer_markdown
+
+    lines = [f"# Transfer attacks ({data['suite']['name']})", "",
+             "Rows: source model (adversarial examples crafted white-box on it); columns: target model "
+             "(the same adversarial images, ranked by the target against its own embedding of X). Cells: mean "
+             f"normalized rank (%) clean→adversarial, T = {data['num_samples']} of |X| = {data['gallery_size']}"
+             f"{' (a seeded subset of X)' if data.get('gallery_subset') else ''}. "
+             "The diagonal is the white-box attack.", ""]
+    for row in data["results"]:
+        size = next((f" {k}={row[k]}" for k in ("w", "m") if k in row), "")
+        matrix = {src: {tgt: (v["rank_clean"], v["rank"]) for tgt, v in cells.items()}
+                  for src, cells in row["matrix"].items()}
+        wall = sum(row["wall_s"].values())
+        lines.append(transfer_markdown(matrix, f"{row['attack']} transfer, ε = {row['eps']:g}{size} ({wall:.0f} s)"))
+    lines += ["Models (clean R@1 / mAP on X): " + ", ".join(
+        f"{k} = `{v}` ({data['clean'][k]['recall@1']:.4f} / {data['clean'][k]['map']:.4f})"
+        for k, v in {**data["sources"], **data["targets"]}.items()), ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[Any]:
-    """Parse, validate, evaluate every checkpoint; returns the reports (rank 0; empty elsewhere)."""
+    """Parse, validate, evaluate every checkpoint; returns the reports (rank 0; empty elsewhere).
+
+    Ranking suites return :class:`attacks.report.Report` objects; universal suites and ``--source``
+    runs return their JSON data (dicts).
+    """
     args = build_parser().parse_args(argv)
     try:
-        suite, jobs = prepare(args)
+        if args.source:
+            plan = prepare_transfer(args)
+        else:
+            suite, jobs = prepare(args)
+            if suite.kind == "universal":
+                for job in jobs:
+                    check_universal_model(job, suite)
     except EvalError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.source:
+        data = evaluate_transfer(plan, args)
+        print(transfer_report_markdown(data))
+        print(f"wrote {plan.json_path} and {plan.md_path}")
+        return [data]
+    if suite.kind == "universal":
+        out = []
+        for job in jobs:
+            data = evaluate_universal(job, suite, args)
+            print(universal_markdown(data))
+            print(f"wrote {job.json_path}, {job.md_path} and {job.json_path.with_suffix('.pt')}\n")
+            out.append(data)
+        return out
     # Lightning's info lines ("GPU available ...") would drown the tables.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -288,11 +780,11 @@ def main(argv: list[str] | None = None) -> list[Any]:
     if len(reports) > 1:
         from attacks.report import Report, write_atomic
 
-        out = Path(args.output_dir) if args.output_dir else jobs[0].json_path.parent
+        out_dir = Path(args.output_dir) if args.output_dir else jobs[0].json_path.parent
         text = Report.comparison_markdown(reports, title=f"Robustness comparison ({suite.name})")
-        write_atomic(out / "comparison.md", text)
+        write_atomic(out_dir / "comparison.md", text)
         print(text)
-        print(f"wrote {out / 'comparison.md'}")
+        print(f"wrote {out_dir / 'comparison.md'}")
     return reports
 
 

@@ -114,6 +114,12 @@ __all__ += [
     "transfer_markdown",
     "transfer_matrix",
 ]
+# Universal suites (kind: universal) and their registry; the shared fit-schedule validation.
+from attacks.attack_registry import UNIVERSAL_ATTACKS  # noqa: E402
+from attacks.suite import SUITE_KINDS  # noqa: E402
+from attacks.universal_ranking_attack import check_schedule  # noqa: E402
+
+__all__ += ["SUITE_KINDS", "UNIVERSAL_ATTACKS", "check_schedule"]
 
 # PQ-AG in the evaluation engine's registry (docs/dpqn.md)
 from attacks.pq_ag_registry import register_pq_ag_attacks  # noqa: E402  (registers PQ-AG:Basic / APD / AOD)

@@ -26,7 +26,7 @@ from attacks.candidate_attack import CandidateAttack
 from attacks.max_shift_attack import MaxShiftAttack
 from attacks.query_attack import QueryAttack
 
-__all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS", "did_you_mean"]
+__all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS", "UNIVERSAL_ATTACKS", "did_you_mean"]
 
 #: PGD keys every attack accepts (see :class:`attacks.attack.Attack`).
 COMMON_OPTIONS: frozenset[str] = frozenset({"alpha", "steps", "random_start"})
@@ -205,3 +205,77 @@ ATTACKS.register("QA-", _query_attack("-"), size_key="m", options={"xi", "G", "p
                  description="query attack with SP term, lower m top-1% candidates (ECCV 2020 Eq. 9, 12)")
 ATTACKS.register("ES", _max_shift_attack, metric="shift", metrics=("shift",),
                  description="maximum embedding shift d(f(x~), f(x)) (ECCV 2020 Sec. 3.3)")
+
+
+# ----------------------------------------------------------------------- universal perturbations
+# A separate registry: a universal attack fits ONE perturbation on a fit set and measures it on
+# the fit and an unseen set (ECCV 2020 Table 6, UAP-IR), which is not the per-batch protocol of
+# the robustness engine. Suites with ``kind: universal`` validate against it (attacks.suite) and
+# run through ``eval.py`` (its universal mode). ``COMMON_OPTIONS`` (PGD keys) do not apply.
+from attacks.uap_retrieval import UAPRetrieval  # noqa: E402
+from attacks.universal_ranking_attack import UniversalRankingAttack  # noqa: E402
+
+#: Schedule keys every universal attack accepts (the suite's ``batch_size`` is the fit batch).
+UNIVERSAL_SCHEDULE_OPTIONS: frozenset[str] = frozenset({"epochs", "step", "momentum"})
+#: UAP-IR: per-query metrics reported, in table order.
+UAP_METRICS: tuple[str, ...] = ("mAP_clean", "mAP", "mP@10_clean", "mP@10", "mDR")
+
+
+def _universal_ranking(kind: Literal["CA", "QA"], direction: Literal["+", "-"]) -> Callable[..., UniversalRankingAttack]:
+    def factory(eps: float, size: int | None, seed: int, batch_size: int = 64, **options: object) -> UniversalRankingAttack:
+        return UniversalRankingAttack(kind, direction, 1 if size is None else size, eps=eps, seed=seed,
+                                      batch_size=batch_size, **options)  # type: ignore[arg-type]
+
+    return factory
+
+
+def _check_scales(value: object) -> tuple[float, ...]:
+    scales = value if isinstance(value, list) else [value]
+    ok = bool(scales) and all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 100 for s in scales)
+    if not ok:
+        raise ValueError(f"eval_scales must be a non-empty list of positive scale factors, got {value!r}")
+    return tuple(float(s) for s in scales)
+
+
+def _uap_retrieval(objective: Literal["label", "pair", "list"]) -> Callable[..., UAPRetrieval]:
+    def factory(eps: float, size: int | None, seed: int, batch_size: int = 64, **options: object) -> UAPRetrieval:
+        # eval_scales is a measurement option (input sizes the frozen r is tested at), not a fit one.
+        scales = _check_scales(options.pop("eval_scales", [1.0]))
+        resize = options.pop("resize_range", None)
+        if resize is not None and (not isinstance(resize, (list, tuple)) or len(resize) != 2):
+            raise ValueError(f"resize_range must be [lo, hi] or null, got {resize!r}")
+        attack = UAPRetrieval(objective, eps=eps, seed=seed, batch_size=batch_size,
+                              resize_range=None if resize is None else (resize[0], resize[1]),
+                              **options)  # type: ignore[arg-type]
+        attack.eval_scales = scales  # type: ignore[attr-defined]
+        return attack
+
+    return factory
+
+
+def _add_universal(registry: AttackRegistry, name: str, factory: Callable[..., object], options: set[str], *,
+                   size_key: Literal["w", "m"] | None, metric: str, metrics: tuple[str, ...],
+                   clean_metric: str | None, direction: Literal["+", "-"] | None, description: str) -> None:
+    registry.add(AttackEntry(name=name, factory=factory, size_key=size_key,  # type: ignore[arg-type]
+                             options=UNIVERSAL_SCHEDULE_OPTIONS | frozenset(options), metric=metric, metrics=metrics,
+                             clean_metric=clean_metric, direction=direction, description=description))
+
+
+#: Universal attacks: I-CA+/- and I-QA+/- (ECCV 2020 Eq. 14, Table 6) and UAP-IR (label / pair / list-wise).
+UNIVERSAL_ATTACKS = AttackRegistry()
+for _d in ("+", "-"):
+    _add_universal(UNIVERSAL_ATTACKS, f"I-CA{_d}", _universal_ranking("CA", _d),
+                   {"percent", *(("shared_targets",) if _d == "+" else ())}, size_key="w",
+                   metric="rank", metrics=("rank", "rank_clean"), clean_metric="rank_clean", direction=_d,
+                   description=f"universal CA{_d}: one r for every candidate (ECCV 2020 Eq. 14)")
+for _d in ("+", "-"):
+    _add_universal(UNIVERSAL_ATTACKS, f"I-QA{_d}", _universal_ranking("QA", _d),
+                   {"percent", "xi", "G", *(("shared_targets",) if _d == "+" else ())},
+                   size_key="m", metric="rank", metrics=("rank", "rank_clean"), clean_metric="rank_clean",
+                   direction=_d, description=f"universal QA{_d}: one r for every query (ECCV 2020 Table 6)")
+for _objective in ("label", "pair", "list"):
+    _add_universal(UNIVERSAL_ATTACKS, f"UAP-IR:{_objective}", _uap_retrieval(_objective),
+                   {"resize_range", "eval_scales", "input_size", "num_clusters", "kmeans_iters", "margin", "negative", "ndcg_k",
+                    "tau", "probe_steps"},
+                   size_key=None, metric="mDR", metrics=UAP_METRICS, clean_metric=None, direction=None,
+                   description=f"UAP-IR, {_objective}-wise objective (Li et al. 2019)")

@@ -17,6 +17,14 @@ Per-attack keys: ``attack`` (a name of :data:`attacks.attack_registry.ATTACKS`),
 integer, default 1), and optionally ``alpha`` / ``steps`` (default: the ECCV 2020 step rules of
 Sec. 4), ``random_start``, and for QA ``xi`` / ``G`` / ``percent``, for CA ``percent``.
 
+Universal suites (``kind: universal``) list universal attacks instead (:data:`attacks.attack_registry.
+UNIVERSAL_ATTACKS`: ``I-CA+`` / ``I-CA-`` / ``I-QA+`` / ``I-QA-`` / ``UAP-IR:label`` / ``UAP-IR:pair`` /
+``UAP-IR:list``) with their schedule keys (``epochs``, ``step``, ``momentum``) and options; there
+``num_samples`` is the size of the fit set and of the disjoint unseen set (-1: 5% of X each, the
+ECCV Table 6 protocol) and ``batch_size`` the fit batch. They run through ``eval.py`` only (one
+perturbation is fitted per configuration, not the per-batch protocol of the robustness engine),
+so :meth:`Suite.from_yaml` refuses them unless the caller accepts ``kinds=("ranking", "universal")``.
+
 Every mistake is a :class:`SuiteError` with one line naming the file, the entry and, for an
 unknown key, the allowed keys plus a "did you mean" suggestion. Option values are checked by
 building every configuration's attack once (the attacks validate their own arguments), so a
@@ -27,19 +35,22 @@ suite that parses will run. Checks that need the gallery (``w`` / ``m`` larger t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from attacks.attack_registry import ATTACKS, AttackEntry, AttackRegistry, did_you_mean
+from attacks.attack_registry import ATTACKS, UNIVERSAL_ATTACKS, AttackEntry, AttackRegistry, did_you_mean
 
-__all__ = ["AttackConfig", "AttackSpec", "Suite", "SuiteError"]
+__all__ = ["AttackConfig", "AttackSpec", "SUITE_KINDS", "Suite", "SuiteError"]
 
-TOP_LEVEL_KEYS = ("name", "description", "num_samples", "seed", "batch_size", "attacks")
+TOP_LEVEL_KEYS = ("name", "description", "kind", "num_samples", "seed", "batch_size", "attacks")
 _DEFAULTS = {"description": "", "num_samples": 1000, "seed": 0, "batch_size": 250}
+#: ``kind`` values: per-sample ranking attacks (the engine) or universal perturbations (eval.py).
+SUITE_KINDS: tuple[str, ...] = ("ranking", "universal")
+_REGISTRIES = {"ranking": ATTACKS, "universal": UNIVERSAL_ATTACKS}
 
 
 class SuiteError(ValueError):
@@ -109,6 +120,7 @@ class Suite:
         batch_size: attack instances per forward / backward pass.
         attacks: the attack specs, in file order (the column order of the tables).
         source: the file the suite came from (``None`` for in-memory suites).
+        kind: ``"ranking"`` (per-sample attacks, the default) or ``"universal"``.
     """
 
     name: str
@@ -118,11 +130,17 @@ class Suite:
     seed: int = 0
     batch_size: int = 250
     source: str | None = None
+    kind: str = "ranking"
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_yaml(cls, path: str | Path, registry: AttackRegistry = ATTACKS) -> Suite:
-        """Read and validate a suite file; every problem is a one-line :class:`SuiteError`."""
+    def from_yaml(cls, path: str | Path, registry: AttackRegistry | None = None,
+                  kinds: Collection[str] = ("ranking",)) -> Suite:
+        """Read and validate a suite file; every problem is a one-line :class:`SuiteError`.
+
+        ``registry=None`` picks the registry of the suite's ``kind``; ``kinds`` are the kinds
+        the caller can run (the robustness engine and callback: ranking suites only).
+        """
         path = Path(path)
         if not path.is_file():
             raise SuiteError(f"suite file {str(path)!r} does not exist")
@@ -131,11 +149,12 @@ class Suite:
         except yaml.YAMLError as err:
             first = " ".join(str(err).split())
             raise SuiteError(f"{path}: not valid YAML: {first}") from None
-        return cls.from_dict(data, source=str(path), registry=registry)
+        return cls.from_dict(data, source=str(path), registry=registry, kinds=kinds)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | None = None, registry: AttackRegistry = ATTACKS) -> Suite:
-        """Validate a parsed suite (a mapping as in the YAML format)."""
+    def from_dict(cls, data: Any, source: str | None = None, registry: AttackRegistry | None = None,
+                  kinds: Collection[str] = ("ranking",)) -> Suite:
+        """Validate a parsed suite (a mapping as in the YAML format); see :meth:`from_yaml`."""
         where = source or "<suite>"
 
         def fail(message: str) -> SuiteError:
@@ -147,7 +166,15 @@ class Suite:
             if key not in TOP_LEVEL_KEYS:
                 raise fail(f"unknown key {key!r}{did_you_mean(str(key), list(TOP_LEVEL_KEYS))}; "
                            f"allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
-        values = {**_DEFAULTS, **data}
+        kind = data.get("kind", "ranking")
+        if kind not in SUITE_KINDS:
+            raise fail(f"kind must be one of {', '.join(SUITE_KINDS)}, got {kind!r}")
+        if kind not in kinds:
+            raise fail(f"a {kind} suite cannot run here (this runner takes {' / '.join(kinds)} suites); "
+                       "run it with eval.py --ckpt CKPT --suite FILE")
+        registry = _REGISTRIES[kind] if registry is None else registry
+        # Universal suites: num_samples is the fit-set size; the default -1 is Table 6's 5% of X.
+        values = {**_DEFAULTS, **({"num_samples": -1} if kind == "universal" else {}), **data}
         name = values.get("name", Path(source).stem if source else "suite")
         if not isinstance(name, str) or not name:
             raise fail(f"name must be a non-empty string, got {name!r}")
@@ -167,7 +194,7 @@ class Suite:
             raise fail("attacks must be a non-empty list of attack entries")
         specs = tuple(_parse_spec(raw, i, where, registry) for i, raw in enumerate(raw_attacks))
         suite = cls(name=name, attacks=specs, description=values["description"], num_samples=num_samples,
-                    seed=seed, batch_size=batch_size, source=source)
+                    seed=seed, batch_size=batch_size, source=source, kind=kind)
         suite._check_options(registry)
         return suite
 
@@ -195,7 +222,11 @@ class Suite:
         """The T actually used for a gallery of ``gallery_size`` items."""
         return gallery_size if self.num_samples == -1 else min(self.num_samples, gallery_size)
 
-    def check_gallery(self, gallery_size: int, registry: AttackRegistry = ATTACKS) -> None:
+    def fit_size(self, gallery_size: int) -> int:
+        """Universal suites: the size of the fit set and of the unseen set (-1: 5% of X, Table 6)."""
+        return max(1, round(0.05 * gallery_size)) if self.num_samples == -1 else self.num_samples
+
+    def check_gallery(self, gallery_size: int, registry: AttackRegistry | None = None) -> None:
         """Raise :class:`SuiteError` if some w / m cannot be drawn from a gallery of this size.
 
         CA needs ``w`` queries other than the candidate (``w <= |X| - 1``); QA needs ``m``
@@ -203,15 +234,20 @@ class Suite:
         (``m + G <= |X| - 1``).
         """
         where = self.source or "<suite>"
+        registry = _REGISTRIES[self.kind] if registry is None else registry
         if gallery_size < 2:
             raise SuiteError(f"{where}: the gallery has {gallery_size} item(s); attacks need at least 2")
+        if self.kind == "universal" and 2 * self.fit_size(gallery_size) > gallery_size:
+            raise SuiteError(f"{where}: num_samples={self.fit_size(gallery_size)} needs a fit set and a disjoint "
+                             f"unseen set of that size, but the gallery has {gallery_size} items")
+        default_g = 0 if self.kind == "universal" else 5  # I-QA defaults to G = 0 (Table 6), QA to 5
         for index, spec in enumerate(self.attacks):
             if spec.size_key is None or not spec.sizes:
                 continue
             largest = max(spec.sizes)
             # QA also draws G semantics-preserving candidates (default 5) besides q and its m targets.
             takes_g = spec.attack in registry and "G" in registry.get(spec.attack).options
-            extra = int(spec.options.get("G", 5)) if takes_g else 0
+            extra = int(spec.options.get("G", default_g)) if takes_g else 0
             if largest + extra > gallery_size - 1:
                 plus = f" plus G={extra} semantics-preserving candidates" if extra else ""
                 raise SuiteError(
@@ -221,9 +257,11 @@ class Suite:
 
     def to_dict(self) -> dict[str, Any]:
         """The suite as YAML-able data (what reports store as "the exact suite")."""
+        kind = {"kind": self.kind} if self.kind != "ranking" else {}  # ranking reports stay as they were
         return {
             "name": self.name,
             "description": self.description,
+            **kind,
             "num_samples": self.num_samples,
             "seed": self.seed,
             "batch_size": self.batch_size,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from attacks.attack import frozen_eval
 from attacks.candidate_attack import CandidateAttack
@@ -88,6 +89,10 @@ def transfer_attack(
     gallery_labels: Tensor,
     sample_indices: Tensor,
     batch_size: int = 256,
+    *,
+    source_gallery: Gallery | None = None,
+    target_galleries: Mapping[str, Gallery] | None = None,
+    progress: bool = False,
 ) -> TransferResult:
     """Craft ``attack`` on ``source_model`` for the X members ``sample_indices``, measure on every target.
 
@@ -95,6 +100,10 @@ def transfer_attack(
         gallery_images: ``[N, C, H, W]`` the whole X (each model embeds it itself).
         gallery_labels: ``[N]``.
         sample_indices: ``[B]`` attacked candidates (CA) / queries (QA), indices into X.
+        source_gallery / target_galleries: each model's clean embeddings of X, when the caller
+            already has them (several attacks / sources reuse them; embedding X with a
+            ResNet-18 on a CPU costs minutes). Missing ones are computed here.
+        progress: a tqdm bar over the attack batches on the source.
     """
     if not isinstance(attack, (CandidateAttack, QueryAttack)):
         raise ValueError(f"transfer measures normalized ranks: needs a CandidateAttack or QueryAttack, "
@@ -102,17 +111,22 @@ def transfer_attack(
     if not target_models:
         raise ValueError("target_models must name at least one model")
     sample_indices = torch.as_tensor(sample_indices).long()
-    source_gallery = Gallery(embed_all(source_model, gallery_images, batch_size), gallery_labels)
+    if source_gallery is None:
+        source_gallery = Gallery(embed_all(source_model, gallery_images, batch_size), gallery_labels)
+    target_galleries = target_galleries or {}
     images = gallery_images[sample_indices]
     adversarial, targets = [], []
-    for s in range(0, len(sample_indices), batch_size):  # batches of independent instances
+    starts = range(0, len(sample_indices), batch_size)
+    for s in tqdm(starts, desc=f"transfer {attack.name}", unit="batch", leave=False, disable=not progress):
         res = attack(source_model, source_gallery, images[s : s + batch_size], sample_indices[s : s + batch_size])
         adversarial.append(res.adversarial.detach())
         targets.append(res.targets)
     adv, tgt = torch.cat(adversarial), torch.cat(targets)
     rank, rank_clean = {}, {}
     for name, model in target_models.items():
-        gallery = Gallery(embed_all(model, gallery_images, batch_size), gallery_labels)
+        gallery = target_galleries.get(name)
+        if gallery is None:
+            gallery = Gallery(embed_all(model, gallery_images, batch_size), gallery_labels)
         rank[name] = measure_on(model, attack, gallery, adv, sample_indices, tgt, batch_size)
         rank_clean[name] = measure_on(model, attack, gallery, images, sample_indices, tgt, batch_size)
     return TransferResult(adv, tgt, rank, rank_clean)

@@ -29,11 +29,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from attacks.attack import _check_nonneg_float, _check_positive_int, autograd_usable, frozen_eval
 from attacks.gallery import Gallery
-from attacks.pgd import check_eps, eccv_step_rules
-from attacks.universal_ranking_attack import ScalarImageLogger, perturbation_image
+from attacks.universal_ranking_attack import ScalarImageLogger, check_schedule, perturbation_image
 from retrieval.topk_metrics import average_precision_at_topk
 
 __all__ = ["UAPRetrieval", "UAPRetrievalResult", "resize_perturbation", "retrieval_metrics"]
@@ -116,8 +116,9 @@ class UAPRetrieval:
       linear probe trained with Adam for ``probe_steps`` full-batch steps on the clean gallery
       embeddings and labels (seeded), then frozen -- our stand-in for the "target classifier".
     - ``"pair"``: ``[d(f', c_n) - d(f', c_p) + margin]_+`` with ``c_p`` the k-means centre
-      nearest to the clean query feature and ``c_n`` the farthest one (the slides do not say
-      which negative; the farthest is the strongest swap). k-means (``num_clusters``,
+      nearest to the clean query feature and ``c_n`` the farthest one (``negative="farthest"``;
+      the slides do not say which negative: the farthest is the strongest swap) or the
+      second-nearest one (``negative="nearest"``, the easiest swap). k-means (``num_clusters``,
       ``kmeans_iters`` Lloyd steps, seeded init) runs on the gallery embeddings; ``d`` is the
       ranker's own ``distance`` rather than the slides' squared L2, so cosine rankers are
       attacked in their own geometry.
@@ -132,6 +133,13 @@ class UAPRetrieval:
         epochs, batch_size, step, momentum: the fit schedule (``step=None`` -> ECCV alpha rule).
         resize_range: ``(lo, hi)`` scale factors of the random resizing, ``None`` = off.
         seed: seed of the probe, k-means and resize draws.
+        negative: the pair-wise objective's negative cluster, ``"farthest"`` or ``"nearest"``
+            (the nearest centre other than the query's own).
+        input_size: the model's fixed input size ``(H, W)`` (or one int), for backbones with
+            fully-connected layers (LeNet, C2F1): every query, resized or not, is resized
+            (bilinear) back to it right before ``model.embed``, as a retrieval pipeline's
+            preprocessing would. The perturbation then has to survive that resampling.
+            ``None``: queries are fed at their own size (needs a backbone with global pooling).
     """
 
     def __init__(
@@ -147,22 +155,18 @@ class UAPRetrieval:
         num_clusters: int = 8,
         kmeans_iters: int = 20,
         margin: float = 0.1,
+        negative: Literal["farthest", "nearest"] = "farthest",
         ndcg_k: int = 10,
         tau: float = 0.01,
         probe_steps: int = 100,
         seed: int = 0,
+        input_size: int | Sequence[int] | None = None,
     ) -> None:
         if objective not in ("label", "pair", "list"):
             raise ValueError(f"objective must be 'label', 'pair' or 'list', got {objective!r}")
-        check_eps(eps)
+        self.epochs, self.batch_size, self.step, self.momentum = check_schedule(eps, epochs, batch_size, step, momentum)
         self.objective = objective
         self.eps = float(eps)
-        self.epochs = _check_positive_int(epochs, "epochs")
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
-        self.step = eccv_step_rules(self.eps)[0] if step is None else _check_nonneg_float(step, "step", True)
-        self.momentum = _check_nonneg_float(momentum, "momentum")
-        if self.momentum >= 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if resize_range is not None:
             lo, hi = (float(v) for v in resize_range)
             if not 0.0 < lo <= hi or not math.isfinite(hi):
@@ -172,12 +176,21 @@ class UAPRetrieval:
         self.num_clusters = _check_positive_int(num_clusters, "num_clusters", minimum=2)
         self.kmeans_iters = _check_positive_int(kmeans_iters, "kmeans_iters")
         self.margin = _check_nonneg_float(margin, "margin")
+        if negative not in ("farthest", "nearest"):
+            raise ValueError(f"negative must be 'farthest' or 'nearest', got {negative!r}")
+        self.negative = negative
         self.ndcg_k = _check_positive_int(ndcg_k, "ndcg_k")
         self.tau = _check_nonneg_float(tau, "tau", strictly_positive=True)
         self.probe_steps = _check_positive_int(probe_steps, "probe_steps")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
+        if input_size is not None:
+            pair = [input_size, input_size] if isinstance(input_size, int) else list(input_size)
+            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+                raise ValueError(f"input_size must be a positive int or (H, W), got {input_size!r}")
+            input_size = (pair[0], pair[1])
+        self.input_size: tuple[int, int] | None = input_size
 
     @property
     def name(self) -> str:
@@ -186,7 +199,8 @@ class UAPRetrieval:
     @property
     def hparams(self) -> dict[str, Any]:
         return {"attack": self.name, "eps": self.eps, "epochs": self.epochs, "batch_size": self.batch_size,
-                "step": self.step, "momentum": self.momentum, "resize_range": self.resize_range, "seed": self.seed}
+                "step": self.step, "momentum": self.momentum, "resize_range": self.resize_range, "seed": self.seed,
+                "input_size": self.input_size, **({"negative": self.negative} if self.objective == "pair" else {})}
 
     # ------------------------------------------------------------------ objectives
     def _probe(self, gallery: Gallery) -> nn.Linear:
@@ -227,7 +241,11 @@ class UAPRetrieval:
 
             def pair(f: Tensor, f0: Tensor, y: Tensor) -> Tensor:
                 d0 = model.distance(f0, centres)  # [B, k] clean: which cluster is positive / negative
-                pos, neg = d0.argmin(1, keepdim=True), d0.argmax(1, keepdim=True)
+                pos = d0.argmin(1, keepdim=True)
+                if self.negative == "farthest":
+                    neg = d0.argmax(1, keepdim=True)
+                else:  # the second-nearest centre: the closest cluster that is not the query's own
+                    neg = d0.topk(2, dim=1, largest=False).indices[:, 1:2]
                 d = model.distance(f, centres)
                 return torch.relu(d.gather(1, neg) - d.gather(1, pos) + self.margin).squeeze(1)
 
@@ -259,9 +277,10 @@ class UAPRetrieval:
         fit_indices: Tensor | None = None,
         unseen_indices: Tensor | None = None,
         logger: ScalarImageLogger | None = None,
+        progress: bool = False,
     ) -> UAPRetrievalResult:
         """Fit r on the fit queries, freeze it, measure mAP / mP@10 / mDR on fit and unseen queries."""
-        r, history = self.fit(model, gallery, fit_images, fit_labels, logger=logger)
+        r, history = self.fit(model, gallery, fit_images, fit_labels, logger=logger, progress=progress)
         fit = self.evaluate(model, gallery, fit_images, fit_labels, r, sample_indices=fit_indices)
         unseen = None
         if unseen_images is not None:
@@ -289,12 +308,18 @@ class UAPRetrieval:
                 "mP@10_clean": float(clean["p@10"].mean()), "mP@10": float(adv["p@10"].mean()),
                 "mDR": (map_clean - map_adv) / map_clean if map_clean > 0 else 0.0}
 
+    def _forward(self, model: nn.Module, x: Tensor) -> Tensor:
+        """``model.embed(x)``, with x resized to ``input_size`` first for fixed-input backbones."""
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        return model.embed(x)
+
     def _embed(self, model: nn.Module, x: Tensor) -> Tensor:
-        return torch.cat([model.embed(x[s : s + self.batch_size]) for s in range(0, x.shape[0], self.batch_size)])
+        return torch.cat([self._forward(model, x[s : s + self.batch_size]) for s in range(0, x.shape[0], self.batch_size)])
 
     def fit(self, model: nn.Module, gallery: Gallery, images: Tensor, labels: Tensor,
-            logger: ScalarImageLogger | None = None) -> tuple[Tensor, list[float]]:
-        """Optimize r with the class docstring's schedule -> ``(r [C, H, W], history)``."""
+            logger: ScalarImageLogger | None = None, progress: bool = False) -> tuple[Tensor, list[float]]:
+        """Optimize r with the class docstring's schedule -> ``(r [C, H, W], history)``; ``progress``: a tqdm bar."""
         if images.dim() != 4 or labels.shape != images.shape[:1]:
             raise ValueError("images must be [B, C, H, W] with labels [B]")
         gen = torch.Generator().manual_seed(self.seed)
@@ -307,22 +332,24 @@ class UAPRetrieval:
             loss_fn = self._loss_factory(model, gallery)
             batches = [(images[s : s + self.batch_size], labels[s : s + self.batch_size])
                        for s in range(0, images.shape[0], self.batch_size)]
-            for epoch in range(self.epochs):
+            bar = tqdm(range(self.epochs), desc=self.name, unit="epoch", leave=False, disable=not progress)
+            for epoch in bar:
                 for x, y in batches:
                     if self.resize_range is not None:
                         lo, hi = self.resize_range
                         x = _resize_images(x, lo + (hi - lo) * float(torch.rand((), generator=gen)))
                     with torch.no_grad():
-                        f0 = model.embed(x)
+                        f0 = self._forward(model, x)
                     r_var = r.clone().requires_grad_(True)
                     adv = (x + resize_perturbation(r_var, x.shape[-2:], self.eps)).clamp(0.0, 1.0)
-                    (grad,) = torch.autograd.grad(loss_fn(model.embed(adv), f0, y).sum(), r_var)
+                    (grad,) = torch.autograd.grad(loss_fn(self._forward(model, adv), f0, y).sum(), r_var)
                     velocity = self.momentum * velocity + grad / grad.abs().mean().clamp_min(1e-12)
                     r = (r - self.step * velocity.sign()).clamp(-self.eps, self.eps)
                 with torch.no_grad():  # effect curve: the objective on the (unresized) fit set
-                    total = sum(float(loss_fn(model.embed(self.apply(x, r)), model.embed(x), y).sum())
+                    total = sum(float(loss_fn(self._forward(model, self.apply(x, r)), self._forward(model, x), y).sum())
                                 for x, y in batches)
                 history.append(total / images.shape[0])
+                bar.set_postfix(fit_loss=f"{history[-1]:.4f}")
                 if logger is not None:
                     logger.add_scalar(f"universal/{self.name}/fit_loss", history[-1], epoch)
                     logger.add_image(f"universal/{self.name}/perturbation", perturbation_image(r, self.eps), epoch)

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from attacks.attack import (
     AttackResult,
@@ -36,8 +37,10 @@ from attacks.candidate_attack import CandidateAttack
 from attacks.gallery import Gallery
 from attacks.pgd import check_eps, eccv_step_rules
 from attacks.query_attack import QueryAttack
+from attacks.selection import nearest_excluding
 
-__all__ = ["UniversalRankingAttack", "UniversalRankingResult", "fit_unseen_split", "perturbation_image"]
+__all__ = ["UniversalRankingAttack", "UniversalRankingResult", "check_schedule", "fit_unseen_split",
+           "perturbation_image"]
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -67,18 +70,59 @@ class _SharedPerturbation:
 
 
 class _SharedCandidateAttack(_SharedPerturbation, CandidateAttack):
-    pass
+    #: ``[w]`` gallery indices: one query set Q for every candidate (Eq. 14 read literally), or None.
+    shared_targets: Tensor | None = None
+
+    def select_queries(self, gallery: Gallery, model: nn.Module, sample_indices: Tensor) -> Tensor:
+        if self.shared_targets is None:
+            return super().select_queries(gallery, model, sample_indices)
+        return self.shared_targets.to(sample_indices.device)[None, :].expand(sample_indices.shape[0], -1)
 
 
 class _SharedQueryAttack(_SharedPerturbation, QueryAttack):
-    pass
+    #: ``[m]`` gallery indices: one candidate set C for every query, or None (per-query draws).
+    shared_targets: Tensor | None = None
+
+    def select_targets(self, gallery: Gallery, model: nn.Module, sample_indices: Tensor) -> tuple[Tensor, Tensor]:
+        cands, sp = super().select_targets(gallery, model, sample_indices)
+        if self.shared_targets is None:
+            return cands, sp
+        shared = self.shared_targets.to(cands.device)[None, :].expand(cands.shape[0], -1)
+        if self.G == 0:
+            return shared, sp
+        d_q = model.distance(gallery.embeddings[sample_indices], gallery.embeddings)
+        arange = torch.arange(len(gallery), device=d_q.device)
+        not_sp = (arange == sample_indices[:, None]) | (arange == shared[:, :, None]).any(1)
+        return shared, nearest_excluding(d_q, self.G, exclude=not_sp)
 
 
-def fit_unseen_split(n: int, fraction: float = 0.05, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Two disjoint random index sets of ``max(1, round(fraction * n))`` items each (Sec. 5.2: 5% + 5% of X)."""
-    if not 0.0 < fraction <= 0.5:
-        raise ValueError(f"fraction must be in (0, 0.5], got {fraction!r}")
-    k = max(1, round(fraction * n))
+def check_schedule(eps: float, epochs: Any, batch_size: Any, step: Any, momentum: Any) -> tuple[int, int, float, float]:
+    """Validate the fit schedule shared by every universal attack -> ``(epochs, batch_size, step, momentum)``.
+
+    ``step=None`` becomes the ECCV alpha rule for ``eps`` (:func:`attacks.pgd.eccv_step_rules`);
+    momentum must lie in ``[0, 1)`` (1 would never forget the first gradient).
+    """
+    check_eps(eps)
+    epochs = _check_positive_int(epochs, "epochs")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    step = eccv_step_rules(float(eps))[0] if step is None else _check_nonneg_float(step, "step", True)
+    momentum = _check_nonneg_float(momentum, "momentum")
+    if momentum >= 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    return epochs, batch_size, step, momentum
+
+
+def fit_unseen_split(n: int, fraction: float = 0.05, seed: int = 0, size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Two disjoint random index sets of ``max(1, round(fraction * n))`` items each (Sec. 5.2: 5% + 5% of X).
+
+    ``size`` gives the number of items per set directly (``fraction`` is then ignored).
+    """
+    if size is None:
+        if not 0.0 < fraction <= 0.5:
+            raise ValueError(f"fraction must be in (0, 0.5], got {fraction!r}")
+        k = max(1, round(fraction * n))
+    else:
+        k = _check_positive_int(size, "size")
     if 2 * k > n:
         raise ValueError(f"a gallery of {n} items cannot hold two disjoint sets of {k}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -150,6 +194,11 @@ class UniversalRankingAttack:
         seed: target-selection seed (keyed per sample index, as in the per-sample attacks).
         percent: top-ranking pool of the "-" attacks (Sec. 4: 1%).
         xi, G: SP term of I-QA; Table 6 sets ``xi = 0`` (our default, and ``G = 0``).
+        shared_targets: "+" attacks only: ONE target set (w queries for I-CA, m candidates for
+            I-QA) for every attacked sample -- Eq. 14 read literally ("a set of queries Q",
+            the same for every c in C) -- drawn once (seeded) from X outside the fit and
+            unseen sets. ``False`` (default): each sample draws its own targets, keyed by its
+            index, exactly as the per-sample attack.
     """
 
     def __init__(
@@ -167,18 +216,19 @@ class UniversalRankingAttack:
         percent: float = 1.0,
         xi: float = 0.0,
         G: int = 0,
+        shared_targets: bool = False,
     ) -> None:
         if kind not in ("CA", "QA"):
             raise ValueError(f"kind must be 'CA' or 'QA', got {kind!r}")
-        check_eps(eps)
+        self.epochs, self.batch_size, self.step, self.momentum = check_schedule(eps, epochs, batch_size, step, momentum)
         self.kind = kind
         self.eps = float(eps)
-        self.epochs = _check_positive_int(epochs, "epochs")
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
-        self.step = eccv_step_rules(self.eps)[0] if step is None else _check_nonneg_float(step, "step", True)
-        self.momentum = _check_nonneg_float(momentum, "momentum")
-        if self.momentum >= 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not isinstance(shared_targets, bool):
+            raise ValueError(f"shared_targets must be true or false, got {shared_targets!r}")
+        if shared_targets and direction != "+":
+            raise ValueError("shared_targets needs a '+' attack (the '-' targets are each sample's own top-ranked "
+                             "neighbours)")
+        self.shared_targets = shared_targets
         # The per-sample attack validates direction / size / percent / xi / G and owns the loss.
         self.inner: _SharedCandidateAttack | _SharedQueryAttack
         if kind == "CA":
@@ -194,7 +244,21 @@ class UniversalRankingAttack:
     def hparams(self) -> dict[str, Any]:
         inner = {k: v for k, v in self.inner.hparams.items() if k not in ("attack", "alpha", "steps", "random_start")}
         return {"attack": self.name, **inner, "epochs": self.epochs, "batch_size": self.batch_size,
-                "step": self.step, "momentum": self.momentum}
+                "step": self.step, "momentum": self.momentum, "shared_targets": self.shared_targets}
+
+    def draw_shared_targets(self, gallery_size: int, exclude: Tensor) -> Tensor | None:
+        """With ``shared_targets``: draw the one target set (seeded) from X minus ``exclude`` and use it."""
+        if not self.shared_targets:
+            return None
+        size = self.inner.w if isinstance(self.inner, CandidateAttack) else self.inner.m
+        allowed = torch.ones(gallery_size, dtype=torch.bool)
+        allowed[torch.as_tensor(exclude).long().cpu()] = False
+        pool = allowed.nonzero().flatten()
+        if pool.numel() < size:
+            raise ValueError(f"shared_targets: {size} targets needed outside the attacked sets, {pool.numel()} left")
+        pick = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(self.inner.seed))[:size]
+        self.inner.shared_targets = pool[pick]
+        return self.inner.shared_targets
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.hparams.items())})"
@@ -209,9 +273,12 @@ class UniversalRankingAttack:
         unseen_images: Tensor | None = None,
         unseen_indices: Tensor | None = None,
         logger: ScalarImageLogger | None = None,
+        progress: bool = False,
     ) -> UniversalRankingResult:
         """Fit r on the fit set, freeze it, measure it on the fit and the unseen set (Table 6)."""
-        r, history = self.fit(model, gallery, fit_images, fit_indices, logger=logger)
+        attacked = [torch.as_tensor(fit_indices)] + ([] if unseen_indices is None else [torch.as_tensor(unseen_indices)])
+        self.draw_shared_targets(len(gallery), torch.cat(attacked))
+        r, history = self.fit(model, gallery, fit_images, fit_indices, logger=logger, progress=progress)
         fit = self.evaluate(model, gallery, fit_images, fit_indices, r)
         unseen = None
         if unseen_images is not None:
@@ -256,9 +323,15 @@ class UniversalRankingAttack:
         images: Tensor,
         sample_indices: Tensor,
         logger: ScalarImageLogger | None = None,
+        progress: bool = False,
     ) -> tuple[Tensor, list[float]]:
-        """Optimize r (Eq. 14) with the schedule of the class docstring -> ``(r [C, H, W], history)``."""
+        """Optimize r (Eq. 14) with the schedule of the class docstring -> ``(r [C, H, W], history)``.
+
+        ``progress`` shows a tqdm bar over the epochs (postfix: the fit set's mean rank).
+        """
         sample_indices = torch.as_tensor(sample_indices)
+        if self.shared_targets and self.inner.shared_targets is None:
+            self.draw_shared_targets(len(gallery), sample_indices)
         # One capture per batch: target selection + the loss closure, constant over the epochs.
         losses: list[tuple[Tensor, LossFn]] = []
         for start in range(0, images.shape[0], self.batch_size):
@@ -272,7 +345,8 @@ class UniversalRankingAttack:
         r = torch.zeros(images.shape[1:], dtype=images.dtype, device=images.device)
         velocity = torch.zeros_like(r)
         history: list[float] = []
-        for epoch in range(self.epochs):
+        bar = tqdm(range(self.epochs), desc=self.name, unit="epoch", leave=False, disable=not progress)
+        for epoch in bar:
             with torch.inference_mode(False), torch.enable_grad(), frozen_eval(model):
                 for batch, loss_fn in losses:
                     r_var = r.clone().requires_grad_(True)
@@ -282,6 +356,7 @@ class UniversalRankingAttack:
                     r = (r - self.step * velocity.sign()).clamp(-self.eps, self.eps)
             mean_rank = float(self.evaluate(model, gallery, images, sample_indices, r).metrics["rank"].mean())
             history.append(mean_rank)
+            bar.set_postfix(fit_rank=f"{mean_rank:.1f}")
             if logger is not None:
                 logger.add_scalar(f"universal/{self.name}/fit_rank", mean_rank, epoch)
                 logger.add_image(f"universal/{self.name}/perturbation", perturbation_image(r, self.eps), epoch)

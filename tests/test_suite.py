@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from attacks.attack_registry import ATTACKS, AttackRegistry
+from attacks.attack_registry import ATTACKS, UNIVERSAL_ATTACKS, AttackRegistry
 from attacks.max_shift_attack import MaxShiftAttack
-from attacks.suite import Suite, SuiteError
+from attacks.suite import SUITE_KINDS, Suite, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO / "configs" / "suites").glob("*.yaml"))
@@ -31,10 +31,33 @@ def error_of(path: Path, registry: AttackRegistry = ATTACKS) -> str:
 
 @pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
 def test_every_shipped_suite_parses(path):
-    suite = Suite.from_yaml(path)
+    suite = Suite.from_yaml(path, kinds=SUITE_KINDS)
     assert suite.name == path.stem
-    assert suite.attacks and all(spec.attack in ATTACKS for spec in suite.attacks)
+    registry = UNIVERSAL_ATTACKS if suite.kind == "universal" else ATTACKS
+    assert suite.attacks and all(spec.attack in registry for spec in suite.attacks)
     assert list(suite.configurations())
+
+
+def test_universal_suites_are_refused_by_ranking_runners(tmp_path):
+    text = "kind: universal\nattacks: [{attack: I-CA+, epsilons: [0.3], w: 1, epochs: 2}]\n"
+    path = write(tmp_path, text)
+    message = error_of(path, registry=None)
+    assert "a universal suite cannot run here" in message and "eval.py" in message
+    suite = Suite.from_yaml(path, kinds=SUITE_KINDS)
+    assert suite.kind == "universal" and suite.num_samples == -1 and suite.fit_size(10_000) == 500
+    assert suite.to_dict()["kind"] == "universal" and "kind" not in Suite.from_yaml(SUITES[0]).to_dict()
+    # universal entries take the schedule keys, not the PGD ones
+    bad = write(tmp_path, "kind: universal\nattacks: [{attack: I-CA+, epsilons: [0.3], steps: 3}]\n", "b.yaml")
+    with pytest.raises(SuiteError, match="unknown key 'steps'.*allowed keys: attack, epochs, epsilons"):
+        Suite.from_yaml(bad, kinds=SUITE_KINDS)
+    with pytest.raises(SuiteError, match=r"unknown attack 'CA\+' \(did you mean 'I-CA\+'\?\)"):
+        Suite.from_yaml(write(tmp_path, "kind: universal\nattacks: [{attack: CA+, epsilons: [0.3]}]\n", "c.yaml"),
+                        kinds=SUITE_KINDS)
+    with pytest.raises(SuiteError, match="disjoint unseen set"):
+        Suite.from_yaml(path, kinds=SUITE_KINDS).with_overrides(num_samples=6).check_gallery(10)
+    with pytest.raises(SuiteError, match="resize_range must be"):
+        Suite.from_yaml(write(tmp_path, "kind: universal\nattacks: [{attack: 'UAP-IR:list', epsilons: [0.1], "
+                                        "resize_range: [2, 1]}]\n", "d.yaml"), kinds=SUITE_KINDS)
 
 
 def test_eccv_suite_is_the_paper_protocol():

@@ -195,3 +195,79 @@ def test_uap_errors_are_one_line():
         args = {"objective": "pair", "eps": EPS, **kwargs}
         with pytest.raises(ValueError, match=match):
             UAPRetrieval(**args)
+
+
+def test_fixed_input_model_with_random_resizing_through_input_size(setup):
+    """LeNet takes only 28x28: with input_size every resized query is resized back before the model."""
+    model, gallery, x, y, fit, unseen = setup
+    seen_sizes: list[tuple[int, int]] = []
+    original = UAPRetrieval._forward
+
+    def spy(self, m, images):
+        seen_sizes.append(tuple(images.shape[-2:]))
+        return original(self, m, images)
+
+    attack = UAPRetrieval("list", eps=EPS, epochs=2, batch_size=10, resize_range=(0.5, 1.5), input_size=28)
+    UAPRetrieval._forward = spy  # type: ignore[method-assign]
+    try:
+        r, _ = attack.fit(model, gallery, x[fit], y[fit])
+        out = attack.evaluate(model, gallery, x[unseen], y[unseen], r, sample_indices=unseen, scale=0.5)
+    finally:
+        UAPRetrieval._forward = original  # type: ignore[method-assign]
+    assert len(set(seen_sizes)) > 1, "queries of several sizes reach the attack"
+    assert r.shape == (1, 28, 28) and float(r.abs().max()) <= EPS + 1e-6
+    assert all(math.isfinite(v) for v in out.values())
+    without = UAPRetrieval("list", eps=EPS, epochs=1, batch_size=10, resize_range=(0.5, 0.5))
+    with pytest.raises(RuntimeError):  # the fc layer of LeNet refuses 14x14 inputs
+        without.fit(model, gallery, x[fit], y[fit])
+    with pytest.raises(ValueError, match="input_size"):
+        UAPRetrieval("list", eps=EPS, input_size=(28, 0))
+
+
+def test_one_schedule_validation_for_every_universal_attack():
+    from attacks.universal_ranking_attack import check_schedule
+
+    assert check_schedule(0.3, 10, 64, None, 0.9) == (10, 64, 0.01, 0.9)  # ECCV alpha rule for eps 0.3
+    for kwargs, match in [(dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(step=0.0), "step"),
+                          (dict(momentum=1.0), "momentum"), (dict(eps=2.0), "eps")]:
+        args = {"eps": 0.1, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            UniversalRankingAttack("CA", "+", **args)
+        with pytest.raises(ValueError, match=match):
+            UAPRetrieval("pair", **args)
+
+
+def test_fit_unseen_split_by_size():
+    fit, unseen = fit_unseen_split(100, size=30, seed=1)
+    assert len(fit) == len(unseen) == 30 and not set(fit.tolist()) & set(unseen.tolist())
+    with pytest.raises(ValueError, match="cannot hold"):
+        fit_unseen_split(100, size=51)
+
+
+def test_pair_negative_cluster_choice(setup):
+    model, gallery, x, y, fit, _ = setup
+    losses = {}
+    for negative in ("farthest", "nearest"):
+        attack = UAPRetrieval("pair", eps=EPS, epochs=1, batch_size=10, negative=negative)
+        loss_fn = attack._loss_factory(model, gallery)
+        with torch.no_grad():
+            f = model.embed(x[fit])
+        losses[negative] = loss_fn(f, f, y[fit])
+    # clean features: [d(f, c_n) - d(f, c_p) + margin]_+ is larger for the farthest negative
+    assert bool((losses["farthest"] >= losses["nearest"]).all())
+    assert UAPRetrieval("pair", eps=EPS, negative="nearest").hparams["negative"] == "nearest"
+    with pytest.raises(ValueError, match="negative"):
+        UAPRetrieval("pair", eps=EPS, negative="random")
+
+
+@pytest.mark.parametrize("kind", ["CA", "QA"])
+def test_shared_targets_are_one_set_outside_the_attacked_samples(setup, kind):
+    model, gallery, x, _, fit, unseen = setup
+    attack = UniversalRankingAttack(kind, "+", 1, eps=0.3, epochs=2, batch_size=10, shared_targets=True)
+    res = attack(model, gallery, x[fit], fit, x[unseen], unseen)
+    for targets in (res.fit_targets, res.unseen_targets):
+        assert bool((targets == targets[0]).all()), "every sample shares the one target set"
+    assert not set(res.fit_targets[0].tolist()) & (set(fit.tolist()) | set(unseen.tolist()))
+    assert res.summary()["fit/rank"] < res.summary()["fit/rank_clean"]
+    with pytest.raises(ValueError, match="shared_targets needs a '\\+' attack"):
+        UniversalRankingAttack(kind, "-", 1, eps=0.3, shared_targets=True)
