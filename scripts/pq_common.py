@@ -80,14 +80,18 @@ def batched(fn, images: Tensor, batch_size: int = 1000) -> Tensor:
     return torch.cat([fn(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
 
 
-def build_model(spec: str, database: Split) -> Ranker:
-    """A PQ ranker from a ``pq:<ckpt>`` / ``kmeans:<ckpt>:<bits>[:<M>]`` spec (see module doc)."""
+def build_model(spec: str, database: Split, return_embeddings: bool = False) -> Ranker | tuple[Ranker, Tensor | None]:
+    """A PQ ranker from a ``pq:<ckpt>`` / ``kmeans:<ckpt>:<bits>[:<M>]`` spec (see module doc).
+
+    ``return_embeddings``: also return the database embeddings the k-means codebooks were fitted
+    on (``None`` for ``pq:`` specs), so that callers can quantize them instead of embedding the
+    database a second time (what dominates the cost of a large backbone on CPU)."""
     kind, _, rest = spec.partition(":")
     if kind == "pq":
         model = load_ranker(rest)
         if "codebooks" not in model.capabilities:
             raise SystemExit(f"error: {rest} holds a {type(model).__name__} without codebooks; use kmeans:{rest}:<bits>")
-        return model
+        return (model, None) if return_embeddings else model
     if kind == "kmeans":
         parts = rest.rsplit(":", 2)
         if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
@@ -99,7 +103,8 @@ def build_model(spec: str, database: Split) -> Ranker:
             bits, num_codebooks = int(bits_text), 4
         ranker = load_ranker(path)
         embeddings = batched(ranker.embed, database.images)
-        return KMeansPQRanker.fit(ranker, embeddings, num_bits=bits, num_codebooks=num_codebooks).eval()
+        model = KMeansPQRanker.fit(ranker, embeddings, num_bits=bits, num_codebooks=num_codebooks).eval()
+        return (model, embeddings) if return_embeddings else model
     raise SystemExit(f"error: bad model spec {spec!r}: pq:<ckpt> or kmeans:<ckpt>:<bits>[:<M>]")
 
 
