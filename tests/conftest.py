@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +12,15 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 
 from data import SyntheticDataModule
 from lightning_modules import LeNet, MetricRanker
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tests run tiny tensors on a shared 2-core runner: extra intra-op threads only contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks import CandidateAttack, Gallery, MaxShiftAttack, QueryAttack, embedding_shift, max_shift_perturb
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threading only adds contention on a shared 2-core runner.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class ToyRanker(nn.Module):

@@ -16,14 +16,6 @@ from lightning_modules import LeNet, MetricRanker
 BATCH = 16  # 4 classes x 4 samples; 64 training images -> 4 batches per epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class CapturingRanker(MetricRanker):
     """Records the images, indices and loss of every training step."""
 

@@ -20,14 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFENDED_CONFIGS = ["fashion_mnist_ctd.yaml", "mnist_ctd.yaml", "fashion_mnist_etd.yaml"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fake_mnist_tree(root: Path, train_per_class: int = 8, test_per_class: int = 4) -> Path:
     """A tiny MNIST-like IDX tree (10 classes of noisy per-class templates)."""
     root.mkdir(parents=True, exist_ok=True)

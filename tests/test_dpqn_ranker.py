@@ -22,14 +22,6 @@ from retrieval.topk_metrics import map_at_topk
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_dpqn(num_bits: int = 16, num_codebooks: int = 4, dim: int = 16, alpha: float = 10.0) -> DPQNRanker:
     torch.manual_seed(0)
     return DPQNRanker(LeNet(embedding_dim=dim), TripletMarginLoss(margin=0.8, distance=DotProductSimilarity()),

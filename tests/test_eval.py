@@ -8,14 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 import eval as eval_script
-import train
+from run_helpers import train_in
 from attacks.robustness_evaluator import RobustnessEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,26 +61,13 @@ attacks:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict[str, Path]:
     """``train.py fit`` of a tiny ranker: ``<run>/checkpoints/*.ckpt`` and ``<run>/config.yaml``."""
     root = tmp_path_factory.mktemp("eval")
     (root / "tiny.yaml").write_text(TINY_CONFIG)
     (root / "suite.yaml").write_text(SUITE)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        train.main(["fit", "--config", str(root / "tiny.yaml")])
-    finally:
-        os.chdir(cwd)
+    train_in(root, ["fit", "--config", str(root / "tiny.yaml")])
     run = root / "runs" / "tiny" / "version_0"
     (ckpt,) = (run / "checkpoints").glob("*.ckpt")
     assert (run / "config.yaml").is_file()

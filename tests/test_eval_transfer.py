@@ -8,15 +8,13 @@ model. Every shipped transfer / universal / UAP-IR suite runs here on a tiny mod
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 import eval as eval_script
-import train
+from run_helpers import train_in
 from attacks.attack_registry import ATTACKS
 from attacks.suite import SUITE_KINDS, Suite
 from attacks.transfer import embed_all, transfer_attack
@@ -66,26 +64,13 @@ attacks:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two tiny rankers on the same synthetic X: LeNet (seed 0) and C2F1 (seed 1)."""
     root = tmp_path_factory.mktemp("transfer")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        for name, backbone, seed in (("tiny_a", "LeNet", 0), ("tiny_b", "C2F1", 1)):
-            (root / f"{name}.yaml").write_text(CONFIG.format(seed=seed, name=name, backbone=backbone))
-            train.main(["fit", "--config", str(root / f"{name}.yaml")])
-    finally:
-        os.chdir(cwd)
+    for name, backbone, seed in (("tiny_a", "LeNet", 0), ("tiny_b", "C2F1", 1)):
+        (root / f"{name}.yaml").write_text(CONFIG.format(seed=seed, name=name, backbone=backbone))
+        train_in(root, ["fit", "--config", str(root / f"{name}.yaml")])
     (root / "suite.yaml").write_text(SUITE)
     out = {"root": root, "suite": root / "suite.yaml"}
     for name in ("tiny_a", "tiny_b"):

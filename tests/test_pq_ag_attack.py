@@ -14,14 +14,6 @@ from lightning_modules import DPQNRanker, KMeansPQRanker, LeNet
 EPS = 0.1  # the synthetic classes are far apart: 8/255 barely moves a 16-d toy model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Setup:
     """A tiny trained model, its query set and its database (codes + labels)."""
 

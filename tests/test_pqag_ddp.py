@@ -7,15 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import eval as eval_script
-import train
+from run_helpers import report_numbers, train_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,49 +34,29 @@ attacks:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared 2-core runner: threads only contend
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_dpqn_run(tmp_path_factory) -> dict[str, Path]:
     """``train.py fit`` of the 24-bit DPQN config shrunk to a LeNet(16-d) on synthetic data with a
     query / database split (24 queries, the other 40 test images the database), at 16 bits
     (M = 4 codebooks of K = 16 codewords: 64 per 4-d sub-space would mostly stay unused)."""
     root = tmp_path_factory.mktemp("pqag_ddp")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        train.main([
-            "fit", "--config", str(REPO / "configs/fashion_mnist_dpqn_24bit.yaml"),
-            "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
-            "--trainer.logger.init_args.name", "tiny_dpqn",
-            "--model.init_args.backbone", "lightning_modules.LeNet",
-            "--model.init_args.backbone.init_args.embedding_dim", "16", "--model.init_args.num_bits", "16",
-            "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
-            "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
-            "--data.num_queries", "24", "--data.database", "test_rest",
-        ])
-    finally:
-        os.chdir(cwd)
+    train_in(root, [
+        "fit", "--config", str(REPO / "configs/fashion_mnist_dpqn_24bit.yaml"),
+        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.name", "tiny_dpqn",
+        "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--model.init_args.backbone.init_args.embedding_dim", "16", "--model.init_args.num_bits", "16",
+        "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+        "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
+        "--data.num_queries", "24", "--data.database", "test_rest",
+    ])
     run = root / "runs" / "tiny_dpqn" / "version_0"
     ckpt = run / "checkpoints" / "last.ckpt"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["init_args"]["protocol"] == "query_database"  # eval.py builds the split from it
     (root / "suite.yaml").write_text(SUITE)
     return {"ckpt": ckpt, "suite": root / "suite.yaml"}
-
-
-def numbers(report: dict) -> dict:
-    """A report without its wall times (which differ from run to run)."""
-    results = [{k: v for k, v in r.items() if k != "wall_s"} for r in report["results"]]
-    return {"results": results, "clean": report["clean"], "score": report["robustness_score"],
-            "T": report["num_samples"], "indices": report["attacked_indices"]}
 
 
 @pytest.mark.slow
@@ -103,4 +81,4 @@ def test_pqag_suite_ddp_world_size_2_equals_world_size_1(tiny_dpqn_run, tmp_path
     for r in reports[1]["results"]:  # not vacuous: all 15 queries attacked, some codes changed
         assert r["T"] == 15 and r["code_change"] > 0
         assert 0.0 <= r["mean"] <= 1.0 and 0.0 <= r["ap_adc"] <= 1.0
-    assert numbers(reports[2]) == numbers(reports[1])
+    assert report_numbers(reports[2]) == report_numbers(reports[1])

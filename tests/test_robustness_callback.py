@@ -4,7 +4,6 @@ logs scalars, images and reports; during ``fit`` it runs every N epochs, never i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,6 @@ attacks:
   - {attack: QA+, epsilons: [0.1], m: [1], steps: 3}
   - {attack: ES, epsilons: [0.1], steps: 2}
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

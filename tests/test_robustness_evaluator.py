@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,14 +17,6 @@ from attacks.report import Report
 from attacks.robustness_evaluator import Collectives, RobustnessEvaluator
 from attacks.robustness_score import RobustnessScore
 from attacks.suite import Suite, SuiteError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_suite(attacks: list[dict], num_samples: int = 24, batch_size: int = 8, registry=ATTACKS) -> Suite:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import train
+from run_helpers import report_numbers, train_in
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,22 +45,17 @@ def tiny_dch_run(tmp_path_factory) -> dict[str, Path]:
     """``train.py fit`` of the 16-bit DCH config shrunk to a LeNet(32-d) on synthetic data with a
     query / database split (24 queries, the other 40 test images the database)."""
     root = tmp_path_factory.mktemp("sdha_ddp")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        train.main([
-            "fit", "--config", str(REPO / "configs/fashion_mnist_dch_16.yaml"),
-            "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
-            "--trainer.logger.init_args.name", "tiny_dch",
-            "--model.init_args.backbone", "lightning_modules.LeNet",
-            "--model.init_args.backbone.init_args.embedding_dim", "32",
-            "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
-            "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
-            "--data.num_queries", "24", "--data.database", "test_rest",
-        ])
-    finally:
-        os.chdir(cwd)
+    train_in(root, [
+        "fit", "--config", str(REPO / "configs/fashion_mnist_dch_16.yaml"),
+        "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.name", "tiny_dch",
+        "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--model.init_args.backbone.init_args.embedding_dim", "32",
+        "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+        "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
+        "--data.num_queries", "24", "--data.database", "test_rest",
+    ])
     run = root / "runs" / "tiny_dch" / "version_0"
     ckpt = run / "checkpoints" / "last.ckpt"
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -68,13 +63,6 @@ def tiny_dch_run(tmp_path_factory) -> dict[str, Path]:
     assert config["model"]["init_args"]["hash_bits"] == 16
     (root / "suite.yaml").write_text(SUITE)
     return {"ckpt": ckpt, "suite": root / "suite.yaml"}
-
-
-def numbers(report: dict) -> dict:
-    """A report without its wall times (which differ from run to run)."""
-    results = [{k: v for k, v in r.items() if k != "wall_s"} for r in report["results"]]
-    return {"results": results, "clean": report["clean"], "score": report["robustness_score"],
-            "T": report["num_samples"], "indices": report["attacked_indices"]}
 
 
 @pytest.mark.slow
@@ -103,4 +91,4 @@ def test_sdha_suite_ddp_world_size_2_equals_world_size_1(tiny_dch_run, tmp_path)
             assert r["mean"] < r["clean"], name
         else:
             assert r["mean"] > r["clean"], name
-    assert numbers(reports[2]) == numbers(reports[1])
+    assert report_numbers(reports[2]) == report_numbers(reports[1])
