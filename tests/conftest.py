@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -14,13 +13,17 @@ from data import SyntheticDataModule
 from lightning_modules import LeNet, MetricRanker
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tests run tiny tensors on a shared 2-core runner: extra intra-op threads only contend."""
-    previous = torch.get_num_threads()
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests run tiny tensors on a shared 2-core runner: extra intra-op threads only contend. Set
+    # here, before any fixture trains a model, and re-asserted before every test below.
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    """One intra-op thread per test: Lightning's DDP launchers raise the count in the launching
+    process, so a test after one of them must not inherit it."""
+    torch.set_num_threads(1)
 
 
 @dataclass
@@ -52,9 +55,4 @@ def train_tiny_ranker(epochs: int = 2, seed: int = 0) -> TinyRanker:
 
 @pytest.fixture(scope="session")
 def tiny_ranker() -> TinyRanker:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared 2-core runner: threads only contend
-    try:
-        return train_tiny_ranker()
-    finally:
-        torch.set_num_threads(previous)
+    return train_tiny_ranker()

@@ -13,14 +13,6 @@ from lightning_modules.dch_loss import normalized_hamming_distance
 from retrieval import HammingIndex, evaluate_hashing
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def reference_dch_loss(codes, labels, gamma, lam, eps=1e-4):
     """Plain-Python DCH Eq. 3-8 (means instead of sums)."""
     n, k = codes.shape

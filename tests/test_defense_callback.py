@@ -221,7 +221,6 @@ def test_crafting_leaves_batchnorm_statistics_grads_and_modes_alone():
 # ----------------------------------------------------------------------------- vanilla equivalence
 @pytest.fixture(scope="module")
 def vanilla_run():
-    torch.set_num_threads(1)
     module = make_ranker()
     _, data = fit(module, [], epochs=2)
     return module, data

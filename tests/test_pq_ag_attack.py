@@ -37,7 +37,6 @@ def data() -> SyntheticDataModule:
 
 @pytest.fixture(scope="module")
 def dpqn(data) -> Setup:
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = DPQNRanker(LeNet(embedding_dim=16), TripletMarginLoss(margin=0.8, distance=DotProductSimilarity()),
                        num_bits=8, num_codebooks=2, alpha=10.0)

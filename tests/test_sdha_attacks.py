@@ -42,34 +42,21 @@ class TinyDCH:
 
 @pytest.fixture(scope="module")
 def tiny_dch() -> TinyDCH:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dm = SyntheticDataModule(protocol="query_database", num_queries=16, test_per_class=8, seed=0)
-        dm.setup()
-        torch.manual_seed(0)
-        model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(gamma=20.0), hash_bits=16)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(3):
-            for x, y, _ in dm.train_dataloader():
-                loss = model.compute_loss(model.embed(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        model.eval()
-        queries = torch.stack([dm.query_set[i][0] for i in range(len(dm.query_set))])
-        database = torch.stack([dm.database_set[i][0] for i in range(len(dm.database_set))])
-        return TinyDCH(model, queries, dm.query_labels, Gallery(model.encode(database), dm.database_labels))
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    dm = SyntheticDataModule(protocol="query_database", num_queries=16, test_per_class=8, seed=0)
+    dm.setup()
+    torch.manual_seed(0)
+    model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(gamma=20.0), hash_bits=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        for x, y, _ in dm.train_dataloader():
+            loss = model.compute_loss(model.embed(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    queries = torch.stack([dm.query_set[i][0] for i in range(len(dm.query_set))])
+    database = torch.stack([dm.database_set[i][0] for i in range(len(dm.database_set))])
+    return TinyDCH(model, queries, dm.query_labels, Gallery(model.encode(database), dm.database_labels))
 
 
 # ----------------------------------------------------------------------------- surrogate

@@ -27,27 +27,22 @@ SUITE = {
 
 @pytest.fixture(scope="module")
 def dch_split():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dm = SyntheticDataModule(protocol="query_database", num_queries=16, test_per_class=8, seed=0)
-        dm.setup()
-        torch.manual_seed(0)
-        model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(), hash_bits=16)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(3):
-            for x, y, _ in dm.train_dataloader():
-                loss = model.compute_loss(model.embed(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        return model.eval(), dm
-    finally:
-        torch.set_num_threads(previous)
+    dm = SyntheticDataModule(protocol="query_database", num_queries=16, test_per_class=8, seed=0)
+    dm.setup()
+    torch.manual_seed(0)
+    model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(), hash_bits=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        for x, y, _ in dm.train_dataloader():
+            loss = model.compute_loss(model.embed(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), dm
 
 
 def evaluate(model, dm, collectives=None):
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # also in the rank threads below: the OpenMP thread count is per thread
     evaluator = RobustnessEvaluator(Suite.from_dict(SUITE), progress=False)
     return evaluator.run(model, dm.eval_set, collectives=collectives, embed_batch_size=32,
                          query_set=dm.query_set, database_set=dm.database_set)

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import train
 
@@ -17,8 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("dch_run")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     cwd = Path.cwd()
     try:
         os.chdir(tmp)  # runs/ and config.yaml land in the temporary folder
@@ -31,14 +28,12 @@ def tiny_run(tmp_path_factory) -> Path:
         ])
     finally:
         os.chdir(cwd)
-        torch.set_num_threads(previous)
     return tmp / "runs/fashion_mnist_dch_16/version_0/checkpoints/last.ckpt"
 
 
 @pytest.fixture
 def scripts_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    torch.set_num_threads(1)
 
 
 def test_clean_map_script(tiny_run, scripts_on_path, capsys):
@@ -70,7 +65,6 @@ def test_tables_script_and_reprint(tiny_run, scripts_on_path, tmp_path, capsys):
 def test_eval_py_runs_the_sdha_quick_suite_on_a_dch_checkpoint(tiny_run, tmp_path, capsys):
     import eval as eval_cli
 
-    torch.set_num_threads(1)
     reports = eval_cli.main(["--ckpt", str(tiny_run), "--suite", str(REPO / "configs/suites/sdha_quick.yaml"),
                              "--accelerator", "cpu", "--output-dir", str(tmp_path), "--no-progress"])
     data = json.loads((tmp_path / "last.json").read_text())

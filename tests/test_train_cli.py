@@ -32,7 +32,6 @@ TINY = [
 def in_tmp(tmp_path, monkeypatch):
     """Run the CLI from a temporary directory so runs/ and config.yaml land there."""
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
     return tmp_path
 
 

@@ -12,22 +12,9 @@ from tests.conftest import train_tiny_ranker
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_ranker):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        other = train_tiny_ranker(epochs=1, seed=1).model  # another init and schedule: a different ranker
-    finally:
-        torch.set_num_threads(previous)
+    other = train_tiny_ranker(epochs=1, seed=1).model  # another init and schedule: a different ranker
     ds = tiny_ranker.datamodule.eval_set
     return {"src": tiny_ranker.model, "tgt": other}, ds.images.float() / 255.0, ds.labels
 

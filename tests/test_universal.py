@@ -19,14 +19,6 @@ from retrieval.topk_metrics import map_at_topk
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_ranker):
     ds = tiny_ranker.datamodule.eval_set
