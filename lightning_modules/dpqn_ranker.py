@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_modules.distances import euclidean_distance
 from lightning_modules.input_normalization import InputNormalization
 from lightning_modules.ranker import Ranker
-from lightning_modules.soft_product_quantizer import SoftProductQuantizer, split_bits
+from lightning_modules.soft_product_quantizer import SoftProductQuantizer, split_bits, split_dim
 from retrieval.pq_index import PQIndex
 from retrieval.retrieval_metrics import RetrievalMetrics
 
@@ -87,16 +87,14 @@ class DPQNRanker(Ranker):
         super().__init__(recall_ks=tuple(recall_ks))
         self.save_config_hyperparameters(["backbone", "loss", "input_normalization"])
         num_codewords = split_bits(num_bits, num_codebooks)
-        dim = feature_dim if feature_dim is not None else getattr(backbone, "embedding_dim", None)
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError("DPQNRanker needs the feature dimension: pass feature_dim or a backbone with an "
-                             "integer embedding_dim")
-        if dim % num_codebooks:
-            raise ValueError(f"feature dimension {dim} does not split into num_codebooks={num_codebooks} "
-                             "equal sub-vectors")
+        sub_dim = split_dim(
+            feature_dim if feature_dim is not None else getattr(backbone, "embedding_dim", None), num_codebooks,
+            "feature dimension",
+            "DPQNRanker needs the feature dimension: pass feature_dim or a backbone with an integer embedding_dim",
+        )
         self.backbone = backbone
         self.loss = loss
-        self.quantizer = SoftProductQuantizer(num_codebooks, num_codewords, dim // num_codebooks, alpha, "cosine")
+        self.quantizer = SoftProductQuantizer(num_codebooks, num_codewords, sub_dim, alpha, "cosine")
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.input_normalization = input_normalization if input_normalization is not None else nn.Identity()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.ranker import Ranker
-from lightning_modules.soft_product_quantizer import SoftProductQuantizer, split_bits
+from lightning_modules.soft_product_quantizer import SoftProductQuantizer, split_bits, split_dim
 from retrieval.pq_index import PQIndex
 
 
@@ -58,16 +58,15 @@ class KMeansPQRanker(Ranker):
         super().__init__(recall_ks=getattr(ranker, "recall_ks", (1, 2, 4, 8)))
         self.save_config_hyperparameters(["ranker"])
         num_codewords = split_bits(num_bits, num_codebooks)
-        dim = feature_dim if feature_dim is not None else getattr(getattr(ranker, "backbone", None),
-                                                                  "embedding_dim", None)
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError("KMeansPQRanker needs the embedding dimension: pass feature_dim or a ranker whose "
-                             "backbone has an integer embedding_dim")
-        if dim % num_codebooks:
-            raise ValueError(f"embedding dimension {dim} does not split into num_codebooks={num_codebooks} "
-                             "equal sub-vectors")
+        sub_dim = split_dim(
+            feature_dim if feature_dim is not None else getattr(getattr(ranker, "backbone", None), "embedding_dim",
+                                                                None),
+            num_codebooks, "embedding dimension",
+            "KMeansPQRanker needs the embedding dimension: pass feature_dim or a ranker whose backbone has an "
+            "integer embedding_dim",
+        )
         self.ranker = ranker
-        self.quantizer = SoftProductQuantizer(num_codebooks, num_codewords, dim // num_codebooks, alpha, "euclidean")
+        self.quantizer = SoftProductQuantizer(num_codebooks, num_codewords, sub_dim, alpha, "euclidean")
         self.quantizer.requires_grad_(False)  # fitted by k-means, never trained
         self.register_buffer("fitted", torch.tensor(False))
 

@@ -55,6 +55,17 @@ def split_bits(num_bits: int, num_codebooks: int) -> int:
     return 2**sub_bits
 
 
+def split_dim(dim: object, num_codebooks: int, what: str, unknown: str) -> int:
+    """Sub-vector size ``d = D / M`` of a ``D``-dim feature; a clear ``ValueError`` with the message
+    ``unknown`` if ``D`` is not a positive integer, or naming ``what`` (e.g. "feature dimension") if
+    it does not split into ``num_codebooks`` equal sub-vectors."""
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(unknown)
+    if dim % num_codebooks:
+        raise ValueError(f"{what} {dim} does not split into num_codebooks={num_codebooks} equal sub-vectors")
+    return dim // num_codebooks
+
+
 class SoftProductQuantizer(nn.Module):
     """``M`` codebooks of ``K`` codewords of ``d`` dims, with soft and hard assignment.
 
