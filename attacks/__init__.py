@@ -85,10 +85,10 @@ __all__ += ["PQAGAttack", "query_average_precision"]
 from attacks.attack_trace import AttackTrace  # noqa: E402
 from attacks.dhta_attack import DHTAAttack  # noqa: E402
 from attacks.hag_attack import HAGAttack  # noqa: E402
-from attacks.hashing_attack import HashingAttack, HashingAttackResult  # noqa: E402
+from attacks.hashing_attack import HashingAttack, HashingAttackResult, logit_scale_factor  # noqa: E402
 from attacks.sdha_attack import SDHAAttack  # noqa: E402
 
-__all__ += ["AttackTrace", "DHTAAttack", "HAGAttack", "HashingAttack", "HashingAttackResult", "SDHAAttack"]
+__all__ += ["AttackTrace", "DHTAAttack", "HAGAttack", "HashingAttack", "HashingAttackResult", "SDHAAttack", "logit_scale_factor"]
 from attacks.hashing_registry import register_hashing_attacks  # noqa: E402  (registers SDHA, HAG, DHTA ...)
 
 __all__ += ["register_hashing_attacks"]

@@ -63,7 +63,7 @@ from retrieval.hashing_metrics import hamming_distance, sign_codes
 from retrieval.index import stable_topk
 from retrieval.topk_metrics import average_precision_at_topk
 
-__all__ = ["PAPER_TANH_SCALES", "HashingAttack", "HashingAttackResult", "HashingContext"]
+__all__ = ["PAPER_TANH_SCALES", "HashingAttack", "HashingAttackResult", "HashingContext", "logit_scale_factor"]
 
 #: (fraction of the iterations from which it applies, tanh scale gamma), SDHA Sec. 5.1.
 PAPER_TANH_SCALES: tuple[tuple[float, float], ...] = (
@@ -109,6 +109,26 @@ class HashingContext:
     clean_codes: Tensor
     goal_labels: Tensor
     sample_indices: Tensor
+
+
+@torch.no_grad()
+def logit_scale_factor(model: nn.Module, images: Tensor) -> float:
+    """``1 / median |g(q)|`` over clean queries: the factor that puts the gamma schedule in logit units.
+
+    The gamma schedule of HAG / SDHA (0.1 ... 1.0) keeps ``tanh(gamma g)`` off its flat tails for
+    hash layers whose logits ``g`` are large (tanh saturated). A model with small logits (a DCH
+    trained with a cosine-normalized Cauchy loss is scale-free: our 64-bit model has median
+    ``|g|`` = 0.12) gets ``tanh(0.1 g) ~ 0.01`` from it: the relaxed code is ~0 in every
+    dimension, and SDHA's dimension-wise logistic ``sigma f h`` cannot tell dimensions apart.
+    Multiplying the schedule by this factor makes ``gamma g`` of a median logit equal gamma, so
+    the attack behaves the same for any rescaling of the hash layer (``g -> c g``). Compute it
+    once per model and workload (not per batch: a batch-dependent schedule would make a query's
+    result depend on its batch) and pass ``[(f, factor * g) for f, g in PAPER_TANH_SCALES]``.
+    """
+    median = float(model.hash_logits(images).abs().median())
+    if not (math.isfinite(median) and median > 0):
+        raise ValueError(f"the median |hash logit| of the queries is {median}; cannot calibrate the tanh scale")
+    return 1.0 / median
 
 
 def _check_tanh_scales(scales: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:

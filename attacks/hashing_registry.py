@@ -15,7 +15,10 @@ gather: ``scripts/sdha_tables.py`` produces those tables (docs/dch.md).
 Suite options: every constructor argument of the attack (``steps``, ``lr``, ``lagrange``,
 ``sigma``, ``z``, ``momentum``, ``threshold``, ``n_f``, ``topk``, ``check_every``, ``early_stop``,
 ``target_label``); the common ``alpha`` is the step size (``lr``); ``random_start`` must be false
-(the attacks start at the clean query, as the paper).
+(the attacks start at the clean query, as the paper). ``tanh_scale_factor`` (> 0) multiplies the
+paper's gamma schedule: a per-model constant for hash layers whose logits are far from the scale
+the schedule assumes (:func:`attacks.hashing_attack.logit_scale_factor`; ``scripts/sdha_tables.py
+--tanh-scale-factor auto`` prints it per model).
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from attacks.attack import Attack
 from attacks.attack_registry import ATTACKS, AttackRegistry
 from attacks.dhta_attack import DHTAAttack
 from attacks.hag_attack import HAGAttack
+from attacks.hashing_attack import PAPER_TANH_SCALES
 from attacks.sdha_attack import SDHAAttack
 
 __all__ = ["HASHING_METRICS", "register_hashing_attacks"]
 
 HASHING_METRICS = ("ap", "ap_clean", "l2", "l2_at_target", "success", "iterations")
-_COMMON = {"lr", "topk", "check_every", "early_stop"}
+_COMMON = {"lr", "topk", "check_every", "early_stop", "tanh_scale_factor"}
 _SDHA_OPTIONS = _COMMON | {"lagrange", "sigma", "z"}
 
 
@@ -42,6 +46,11 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("the hashing attacks start at the clean query; random_start must be false")
     if "alpha" in options:  # the engine's common step-size key
         options["lr"] = options.pop("alpha")
+    if "tanh_scale_factor" in options:
+        factor = options.pop("tanh_scale_factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+            raise ValueError(f"tanh_scale_factor must be a number > 0, got {factor!r}")
+        options["tanh_scales"] = [(f, g * float(factor)) for f, g in PAPER_TANH_SCALES]
     return options
 
 

@@ -36,14 +36,14 @@ import torch
 
 from sdha_common import encode_set, images_of, load_run  # noqa: I001  (sets up sys.path)
 from attacks import AttackTrace, DHTAAttack, Gallery, HAGAttack, HashingAttack, SDHAAttack
-from attacks.hashing_attack import PAPER_TANH_SCALES
+from attacks.hashing_attack import PAPER_TANH_SCALES, logit_scale_factor
 
 UNTARGETED = ("SDHA", "SDHA-UW", "HAG")
 TARGETED = ("SDHA-T", "SDHA-UW-T", "DHTA")
 
 
-def build_attacks(args: argparse.Namespace) -> dict[str, HashingAttack]:
-    scales = [(f, g * args.tanh_scale_factor) for f, g in PAPER_TANH_SCALES]
+def build_attacks(args: argparse.Namespace, tanh_scale_factor: float = 1.0) -> dict[str, HashingAttack]:
+    scales = [(f, g * tanh_scale_factor) for f, g in PAPER_TANH_SCALES]
     common = {"eps": args.eps, "check_every": args.check_every, "topk": args.topk, "seed": args.seed,
               "tanh_scales": scales}
     sdha = {"steps": args.steps, "lr": args.lr, **common}
@@ -59,10 +59,17 @@ def build_attacks(args: argparse.Namespace) -> dict[str, HashingAttack]:
     }
 
 
+def _scale_factor(text: str) -> float | str:
+    if text == "auto":
+        return text
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be > 0 or 'auto', got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
-    attacks = build_attacks(args)
-    names = args.attacks or list(attacks)
     for ckpt in args.ckpt:
         model, dm = load_run(ckpt)
         for p in model.parameters():
@@ -73,6 +80,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         perm = torch.randperm(len(dm.query_set), generator=torch.Generator().manual_seed(args.seed))
         workload = perm[: args.queries].sort().values
         images, labels = images_of(dm.query_set, workload)
+        # One factor per model and workload, for every attack alike (see logit_scale_factor).
+        factor = logit_scale_factor(model, images) if args.tanh_scale_factor == "auto" else float(args.tanh_scale_factor)
+        print(f"[{bits} bits] tanh scale factor {factor:.4g} ({args.tanh_scale_factor})", flush=True)
+        attacks = build_attacks(args, factor)
+        names = args.attacks or list(attacks)
         entry = results.setdefault(bits, {})
         entry["ckpt"] = str(ckpt)
         for name in names:
@@ -87,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trace = AttackTrace.cat(traces)
             seconds = time.perf_counter() - start
             entry[name] = {"targeted": attack.targeted, "hparams": attack.hparams, "seconds": seconds,
+                           "tanh_scale_factor": factor,
                            "mean_iterations": float(torch.cat(iterations).mean()),
                            "iterations": trace.iterations.tolist(), "ap": trace.ap.tolist(), "l2": trace.l2.tolist()}
             final_map, final_l2 = trace.final()
@@ -198,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="SDHA Adam learning rate")
     parser.add_argument("--lagrange", type=float, default=20.0, help="SDHA alpha * K")
     parser.add_argument("--lagrange-targeted", type=float, default=None, help="targeted alpha * K (default: --lagrange)")
-    parser.add_argument("--tanh-scale-factor", type=float, default=1.0,
-                        help="multiplies the paper's gamma schedule (0.1 ... 1.0) of every attack")
+    parser.add_argument("--tanh-scale-factor", type=_scale_factor, default=1.0,
+                        help="multiplies the paper's gamma schedule (0.1 ... 1.0) of every attack; 'auto': "
+                             "1 / median |hash logit| of the model's clean workload (attacks.logit_scale_factor)")
     parser.add_argument("--hag-lr", type=float, default=500.0)
     parser.add_argument("--dhta-lr", type=float, default=1 / 255)
     parser.add_argument("--untargeted-map", type=float, default=0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from attacks import (
     QueryAttack,
     SDHAAttack,
 )
-from attacks.hashing_attack import HashingContext
+from attacks.hashing_attack import PAPER_TANH_SCALES, HashingContext, logit_scale_factor
 from attacks.surrogate_hamming import ap_weights, surrogate_hamming, weighted_surrogate_sum
 from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
@@ -323,6 +324,47 @@ def test_tanh_schedule_is_the_papers():
     attack = SDHAAttack(steps=1500)
     got = {step: attack.tanh_scale(step) for step in (0, 749, 750, 899, 900, 1050, 1200, 1350, 1499)}
     assert got == {0: 0.1, 749: 0.1, 750: 0.2, 899: 0.2, 900: 0.3, 1050: 0.5, 1200: 0.7, 1350: 1.0, 1499: 1.0}
+
+
+def _scaled_copy(model: DCHRanker, c: float) -> DCHRanker:
+    """The same model with its hash logits multiplied by ``c`` (same codes)."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.hash_layer.weight.mul_(c)
+        other.hash_layer.bias.mul_(c)
+    return other
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_calibrated_tanh_schedule_makes_the_attack_independent_of_the_logit_scale(tiny_dch, targeted):
+    """logit_scale_factor puts the gamma schedule in units of the model's own logits: rescaling the
+    hash layer by 1/4 (exact in floating point, codes unchanged) leaves the calibrated attack bit for
+    bit the same, while the paper's fixed schedule (tanh(0.1 g) of tiny logits) attacks differently."""
+    small = _scaled_copy(tiny_dch.model, 0.25)
+    q = tiny_dch.queries
+    assert torch.equal(small.encode(q), tiny_dch.model.encode(q))
+    factor, factor_small = logit_scale_factor(tiny_dch.model, q), logit_scale_factor(small, q)
+    with torch.no_grad():
+        assert factor == pytest.approx(1 / float(tiny_dch.model.hash_logits(q).abs().median()))
+    assert factor_small == 4 * factor
+
+    def attack(model, factor):
+        kwargs = dict(eps=0.3, steps=30, check_every=5, lagrange=100.0, topk=16,
+                      tanh_scales=[(f, g * factor) for f, g in PAPER_TANH_SCALES])
+        if targeted:
+            kwargs.update(targeted=True, target_label="random")
+        return SDHAAttack(**kwargs)(model, tiny_dch.gallery, q, tiny_dch.indices, query_labels=tiny_dch.query_labels)
+
+    calibrated, calibrated_small = attack(tiny_dch.model, factor), attack(small, factor_small)
+    assert torch.equal(calibrated.adversarial, calibrated_small.adversarial)
+    assert torch.equal(calibrated.metrics["ap"], calibrated_small.metrics["ap"])
+    fixed, fixed_small = attack(tiny_dch.model, 1.0), attack(small, 1.0)
+    assert not torch.equal(fixed.adversarial, fixed_small.adversarial)
+
+
+def test_logit_scale_factor_refuses_dead_logits(tiny_dch):
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        logit_scale_factor(_scaled_copy(tiny_dch.model, 0.0), tiny_dch.queries)
 
 
 # ----------------------------------------------------------------------------- dataset metrics

@@ -59,6 +59,21 @@ def test_registered_names_and_suite_errors():
         Suite.from_dict({**SUITE, "attacks": [{"attack": "HAG", "epsilons": [0.039], "random_start": True}]})
 
 
+def test_suite_tanh_scale_factor_multiplies_the_papers_schedule():
+    from attacks.hashing_attack import PAPER_TANH_SCALES
+
+    for name in ("SDHA", "HAG", "DHTA"):
+        options = {"target_label": "random"} if name == "DHTA" else {}
+        attack = ATTACKS.get(name).build(0.1, None, 0, tanh_scale_factor=8, **options)
+        assert attack.tanh_scales == tuple((f, 8 * g) for f, g in PAPER_TANH_SCALES)
+        assert ATTACKS.get(name).build(0.1, None, 0, **options).tanh_scales == PAPER_TANH_SCALES
+    suite = {**SUITE, "attacks": [{"attack": "SDHA", "epsilons": [0.1], "tanh_scale_factor": 4.0}]}
+    assert Suite.from_dict(suite).attacks[0].options["tanh_scale_factor"] == 4.0
+    for bad in (0, -1.0, "auto", True):
+        with pytest.raises(ValueError, match="tanh_scale_factor must be a number > 0"):
+            ATTACKS.get("SDHA").build(0.1, None, 0, tanh_scale_factor=bad)
+
+
 def test_engine_runs_the_hashing_attacks_on_the_query_database_split(dch_split):
     model, dm = dch_split
     results = evaluate(model, dm)
