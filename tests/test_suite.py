@@ -72,6 +72,21 @@ def test_eccv_suite_is_the_paper_protocol():
     assert len(list(suite.configurations())) == 4 * 4 * 4 + 4
 
 
+def test_defense_check_suite_is_a_subset_of_the_eccv_suite_at_t250():
+    """Its cells must be the full suite's (same samples, attack settings) to be read beside it."""
+    full = Suite.from_yaml(REPO / "configs/suites/eccv2020_28x28.yaml").with_overrides(num_samples=250)
+    check = Suite.from_yaml(REPO / "configs/suites/eccv2020_28x28_defense_check.yaml")
+    assert (check.num_samples, check.seed, check.batch_size) == (full.num_samples, full.seed, full.batch_size)
+
+    def cells(suite):
+        return {(c.attack, c.eps, c.size): dict(c.options) for c in suite.configurations()}
+
+    full_cells, check_cells = cells(full), cells(check)
+    assert set(check_cells) == {(a, eps, 1) for a in ("CA+", "CA-", "QA+") for eps in (0.1, 0.3)}
+    for key, options in check_cells.items():
+        assert options == full_cells[key], key
+
+
 def test_robrank_profile_budget():
     suite = Suite.from_yaml(REPO / "configs/suites/robrank_profile.yaml")
     for spec in suite.attacks:
