@@ -63,7 +63,8 @@ from retrieval.hashing_metrics import hamming_distance, sign_codes
 from retrieval.index import stable_topk
 from retrieval.topk_metrics import average_precision_at_topk
 
-__all__ = ["PAPER_TANH_SCALES", "HashingAttack", "HashingAttackResult", "HashingContext", "logit_scale_factor"]
+__all__ = ["PAPER_TANH_SCALES", "HashingAttack", "HashingAttackResult", "HashingContext", "logit_scale_factor",
+           "scaled_tanh_scales"]
 
 #: (fraction of the iterations from which it applies, tanh scale gamma), SDHA Sec. 5.1.
 PAPER_TANH_SCALES: tuple[tuple[float, float], ...] = (
@@ -123,12 +124,19 @@ def logit_scale_factor(model: nn.Module, images: Tensor) -> float:
     Multiplying the schedule by this factor makes ``gamma g`` of a median logit equal gamma, so
     the attack behaves the same for any rescaling of the hash layer (``g -> c g``). Compute it
     once per model and workload (not per batch: a batch-dependent schedule would make a query's
-    result depend on its batch) and pass ``[(f, factor * g) for f, g in PAPER_TANH_SCALES]``.
+    result depend on its batch) and pass ``tanh_scales=scaled_tanh_scales(factor)``.
     """
     median = float(model.hash_logits(images).abs().median())
     if not (math.isfinite(median) and median > 0):
         raise ValueError(f"the median |hash logit| of the queries is {median}; cannot calibrate the tanh scale")
     return 1.0 / median
+
+
+def scaled_tanh_scales(factor: float) -> tuple[tuple[float, float], ...]:
+    """The paper's gamma schedule with every gamma multiplied by ``factor`` (> 0)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        raise ValueError(f"tanh_scale_factor must be a number > 0, got {factor!r}")
+    return tuple((f, g * float(factor)) for f, g in PAPER_TANH_SCALES)
 
 
 def _check_tanh_scales(scales: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:

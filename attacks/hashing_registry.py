@@ -30,7 +30,7 @@ from attacks.attack import Attack
 from attacks.attack_registry import ATTACKS, AttackRegistry
 from attacks.dhta_attack import DHTAAttack
 from attacks.hag_attack import HAGAttack
-from attacks.hashing_attack import PAPER_TANH_SCALES
+from attacks.hashing_attack import scaled_tanh_scales
 from attacks.sdha_attack import SDHAAttack
 
 __all__ = ["HASHING_METRICS", "register_hashing_attacks"]
@@ -47,10 +47,7 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     if "alpha" in options:  # the engine's common step-size key
         options["lr"] = options.pop("alpha")
     if "tanh_scale_factor" in options:
-        factor = options.pop("tanh_scale_factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
-            raise ValueError(f"tanh_scale_factor must be a number > 0, got {factor!r}")
-        options["tanh_scales"] = [(f, g * float(factor)) for f, g in PAPER_TANH_SCALES]
+        options["tanh_scales"] = scaled_tanh_scales(options.pop("tanh_scale_factor"))
     return options
 
 

@@ -36,16 +36,15 @@ import torch
 
 from sdha_common import encode_set, images_of, load_run  # noqa: I001  (sets up sys.path)
 from attacks import AttackTrace, DHTAAttack, Gallery, HAGAttack, HashingAttack, SDHAAttack
-from attacks.hashing_attack import PAPER_TANH_SCALES, logit_scale_factor
+from attacks.hashing_attack import logit_scale_factor, scaled_tanh_scales
 
 UNTARGETED = ("SDHA", "SDHA-UW", "HAG")
 TARGETED = ("SDHA-T", "SDHA-UW-T", "DHTA")
 
 
 def build_attacks(args: argparse.Namespace, tanh_scale_factor: float = 1.0) -> dict[str, HashingAttack]:
-    scales = [(f, g * tanh_scale_factor) for f, g in PAPER_TANH_SCALES]
     common = {"eps": args.eps, "check_every": args.check_every, "topk": args.topk, "seed": args.seed,
-              "tanh_scales": scales}
+              "tanh_scales": scaled_tanh_scales(tanh_scale_factor)}
     sdha = {"steps": args.steps, "lr": args.lr, **common}
     baseline = {"steps": args.baseline_steps, **common}
     lag_u, lag_t = args.lagrange, args.lagrange_targeted or args.lagrange

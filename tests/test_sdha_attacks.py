@@ -19,7 +19,7 @@ from attacks import (
     QueryAttack,
     SDHAAttack,
 )
-from attacks.hashing_attack import PAPER_TANH_SCALES, HashingContext, logit_scale_factor
+from attacks.hashing_attack import HashingContext, logit_scale_factor, scaled_tanh_scales
 from attacks.surrogate_hamming import ap_weights, surrogate_hamming, weighted_surrogate_sum
 from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
@@ -349,8 +349,7 @@ def test_calibrated_tanh_schedule_makes_the_attack_independent_of_the_logit_scal
     assert factor_small == 4 * factor
 
     def attack(model, factor):
-        kwargs = dict(eps=0.3, steps=30, check_every=5, lagrange=100.0, topk=16,
-                      tanh_scales=[(f, g * factor) for f, g in PAPER_TANH_SCALES])
+        kwargs = dict(eps=0.3, steps=30, check_every=5, lagrange=100.0, topk=16, tanh_scales=scaled_tanh_scales(factor))
         if targeted:
             kwargs.update(targeted=True, target_label="random")
         return SDHAAttack(**kwargs)(model, tiny_dch.gallery, q, tiny_dch.indices, query_labels=tiny_dch.query_labels)
