@@ -11,6 +11,7 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 
 from data import SyntheticDataModule
 from lightning_modules import LeNet, MetricRanker
+from run_helpers import fit_with_adam
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,13 +41,7 @@ def train_tiny_ranker(epochs: int = 2, seed: int = 0) -> TinyRanker:
     datamodule.setup()
     torch.manual_seed(seed)
     model = MetricRanker(LeNet(embedding_dim=16), TripletMarginLoss(margin=0.2, distance=CosineSimilarity()))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for images, labels, _ in datamodule.train_dataloader():
-            loss = model.compute_loss(model.embed(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_with_adam(model, datamodule, epochs)
     model.eval()
     for p in model.parameters():
         p.grad = None

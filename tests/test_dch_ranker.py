@@ -11,6 +11,7 @@ from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
 from lightning_modules.dch_loss import normalized_hamming_distance
 from retrieval import HammingIndex, evaluate_hashing
+from run_helpers import fit_with_adam
 
 
 def reference_dch_loss(codes, labels, gamma, lam, eps=1e-4):
@@ -94,7 +95,6 @@ def test_training_separates_classes_in_hamming_space():
     dm.setup()
     torch.manual_seed(0)
     model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(gamma=20.0), hash_bits=16)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def clean_map() -> float:
         model.eval()
@@ -105,12 +105,7 @@ def test_training_separates_classes_in_hamming_space():
         return float(out["map@1000"])
 
     before = clean_map()
-    for _ in range(3):
-        for x, y, _ in dm.train_dataloader():
-            loss = model.compute_loss(model.embed(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_with_adam(model, dm, 3)
     after = clean_map()
     assert after > max(before, 0.9)
 

@@ -18,6 +18,7 @@ from lightning_modules import DPQNRanker, KMeansPQRanker, LeNet, SoftProductQuan
 from lightning_modules.soft_product_quantizer import split_bits
 from retrieval import PQIndex
 from retrieval.topk_metrics import map_at_topk
+from run_helpers import fit_with_adam
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,13 +119,7 @@ def test_dpqn_trains_end_to_end_and_retrieves_by_sdc_and_adc():
 
     before = maps()
     codewords = model.quantizer.codewords.detach().clone()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        for images, labels, _ in dm.train_dataloader():
-            loss = model.compute_loss(model.embed(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_with_adam(model, dm, 3)
     after = maps()
     assert not torch.equal(codewords, model.quantizer.codewords)  # the codebooks are learned
     assert after[0] > before[0] and after[1] > before[1] and min(after) > 0.8, (before, after)

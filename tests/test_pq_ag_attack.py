@@ -10,6 +10,7 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from attacks import CandidateAttack, Gallery, NotApplicableError, PQAGAttack, QueryAttack, query_average_precision
 from data import SyntheticDataModule
 from lightning_modules import DPQNRanker, KMeansPQRanker, LeNet
+from run_helpers import fit_with_adam
 
 EPS = 0.1  # the synthetic classes are far apart: 8/255 barely moves a 16-d toy model
 
@@ -40,13 +41,7 @@ def dpqn(data) -> Setup:
     torch.manual_seed(0)
     model = DPQNRanker(LeNet(embedding_dim=16), TripletMarginLoss(margin=0.8, distance=DotProductSimilarity()),
                        num_bits=8, num_codebooks=2, alpha=10.0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        for images, labels, _ in data.train_dataloader():
-            loss = model.compute_loss(model.embed(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_with_adam(model, data, 3)
     model.eval()
     return Setup(model, *_split(data.query_set), *_split(data.database_set))
 

@@ -25,6 +25,7 @@ from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
 from retrieval import hamming_distance, sign_codes
 from retrieval.topk_metrics import map_at_topk
+from run_helpers import fit_with_adam
 
 FAST = {"eps": 0.3, "steps": 40, "check_every": 5}  # tiny 28x28 synthetic model: a large box, few steps
 
@@ -47,13 +48,7 @@ def tiny_dch() -> TinyDCH:
     dm.setup()
     torch.manual_seed(0)
     model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(gamma=20.0), hash_bits=16)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        for x, y, _ in dm.train_dataloader():
-            loss = model.compute_loss(model.embed(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_with_adam(model, dm, 3)
     model.eval()
     queries = torch.stack([dm.query_set[i][0] for i in range(len(dm.query_set))])
     database = torch.stack([dm.database_set[i][0] for i in range(len(dm.database_set))])

@@ -11,6 +11,7 @@ import torch
 from attacks import ATTACKS, Collectives, RobustnessEvaluator, Suite, SuiteError
 from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
+from run_helpers import fit_with_adam
 
 SUITE = {
     "name": "sdha_test", "num_samples": 10, "seed": 0, "batch_size": 4,
@@ -31,13 +32,7 @@ def dch_split():
     dm.setup()
     torch.manual_seed(0)
     model = DCHRanker(LeNet(embedding_dim=32), DCHLoss(), hash_bits=16)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        for x, y, _ in dm.train_dataloader():
-            loss = model.compute_loss(model.embed(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_with_adam(model, dm, 3)
     return model.eval(), dm
 
 
