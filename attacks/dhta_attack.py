@@ -38,7 +38,7 @@ class DHTAAttack(HashingAttack):
         lr: the sign-step size; the paper's "learning rate 1" is on the 0..255 pixel scale,
             i.e. 1/255 here.
         n_f: number of voting target-class items (9).
-        topk, check_every, tanh_scales, early_stop, seed: see :class:`attacks.hashing_attack.HashingAttack`.
+        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing_attack.HashingAttack`.
     """
 
     name = "DHTA"
@@ -56,10 +56,11 @@ class DHTAAttack(HashingAttack):
         check_every: int = 10,
         tanh_scales: Sequence[Sequence[float]] = PAPER_TANH_SCALES,
         early_stop: bool = True,
+        goal_ap: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(eps=eps, steps=steps, lr=lr, target_label=target_label, topk=topk, check_every=check_every,
-                         tanh_scales=tanh_scales, early_stop=early_stop, seed=seed)
+                         tanh_scales=tanh_scales, early_stop=early_stop, goal_ap=goal_ap, seed=seed)
         self.n_f = _check_positive_int(n_f, "n_f")
 
     @property

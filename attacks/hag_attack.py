@@ -37,7 +37,7 @@ class HAGAttack(HashingAttack):
         lr: SGD learning rate (500 in the paper).
         momentum: SGD momentum (0.9).
         threshold: the mask margin ``t``.
-        topk, check_every, tanh_scales, early_stop, seed: see :class:`attacks.hashing_attack.HashingAttack`.
+        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing_attack.HashingAttack`.
     """
 
     name = "HAG"
@@ -54,10 +54,11 @@ class HAGAttack(HashingAttack):
         check_every: int = 10,
         tanh_scales: Sequence[Sequence[float]] = PAPER_TANH_SCALES,
         early_stop: bool = True,
+        goal_ap: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(eps=eps, steps=steps, lr=lr, topk=topk, check_every=check_every, tanh_scales=tanh_scales,
-                         early_stop=early_stop, seed=seed)
+                         early_stop=early_stop, goal_ap=goal_ap, seed=seed)
         self.momentum = _check_nonneg_float(momentum, "momentum")
         self.threshold = _check_nonneg_float(threshold, "threshold")
 

@@ -3,14 +3,17 @@ Image Retrieval", ICMR 2021, Sec. 4), untargeted and targeted, and its unweighte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from attacks.attack import _check_nonneg_float
-from attacks.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingContext, TargetLabel
+from attacks.attack import _check_nonneg_float, _check_positive_int
+from attacks.attack_trace import AttackTrace
+from attacks.gallery import Gallery
+from attacks.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingAttackResult, HashingContext, TargetLabel
 from attacks.surrogate_hamming import ap_weights, weighted_surrogate_sum
 from retrieval.hashing_metrics import hamming_distance
 
@@ -37,8 +40,15 @@ class SDHAAttack(HashingAttack):
     (untargeted) or 1 (targeted), checked every 10 iterations (Sec. 4.4, 5.1).
 
     Defaults are the paper's (Sec. 5.1). The Lagrange multiplier is ``alpha = lagrange / K``
-    (the paper tunes 5/K .. 100/K per dataset; binary search "similar to [8]" is left to the
-    caller: ``lagrange`` is a constructor argument). Where we depart: the paper leaves the
+    (the paper tunes 5/K .. 100/K per dataset). With ``search_steps > 1`` alpha is found per
+    query by the binary search the paper suggests ("similar to [8]", Carlini & Wagner 2017,
+    Sec. V): the attack runs ``search_steps`` times from the clean query; after each run a
+    query that reached its AP bound (``goal_ap``) gets ``upper = alpha`` and the next alpha
+    half-way between its bounds, one that did not gets ``lower = alpha`` and the next alpha
+    half-way, or 10 x alpha while no run has succeeded. Each query returns its run of smallest
+    final l2 among the successful ones (else the run with the best AP, then the smallest l2),
+    with that run's trace and metrics, plus ``lagrange`` (its ``alpha * K``) and
+    ``search_iterations`` (iterations over all runs, the cost). Where we depart: the paper leaves the
     ``||.||_2`` term's gradient at ``q~ = q`` undefined; we use 0 (torch's subgradient), so the
     first step is driven by ``F`` alone.
 
@@ -53,7 +63,8 @@ class SDHAAttack(HashingAttack):
         sigma: logistic steepness (None: 5 untargeted / 10 targeted).
         z: weight exponent ``>= 0`` (None: 0.5 untargeted / 0.3 targeted, used as ``-z``); 0 is SDHA-UW.
         betas: Adam's (beta1, beta2).
-        topk, check_every, tanh_scales, early_stop, seed: see :class:`attacks.hashing_attack.HashingAttack`.
+        search_steps: runs of the per-query binary search of alpha (1: one run, alpha fixed).
+        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing_attack.HashingAttack`.
     """
 
     def __init__(
@@ -68,23 +79,26 @@ class SDHAAttack(HashingAttack):
         sigma: float | None = None,
         z: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
+        search_steps: int = 1,
         topk: int = 1000,
         check_every: int = 10,
         tanh_scales: Sequence[Sequence[float]] = PAPER_TANH_SCALES,
         early_stop: bool = True,
+        goal_ap: float | None = None,
         seed: int = 0,
     ) -> None:
         if not isinstance(targeted, bool):
             raise ValueError(f"targeted must be a bool, got {targeted!r}")
         self.targeted = targeted
         super().__init__(eps=eps, steps=steps, lr=lr, target_label=target_label, topk=topk, check_every=check_every,
-                         tanh_scales=tanh_scales, early_stop=early_stop, seed=seed)
+                         tanh_scales=tanh_scales, early_stop=early_stop, goal_ap=goal_ap, seed=seed)
         self.lagrange = 20.0 if lagrange is None else _check_nonneg_float(lagrange, "lagrange", strictly_positive=True)
         self.sigma = _PAPER_SIGMA[targeted] if sigma is None else _check_nonneg_float(sigma, "sigma", True)
         self.z = _PAPER_Z[targeted] if z is None else _check_nonneg_float(z, "z")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
+        self.search_steps = _check_positive_int(search_steps, "search_steps")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -93,7 +107,7 @@ class SDHAAttack(HashingAttack):
     @property
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams, "lagrange": self.lagrange, "sigma": self.sigma, "z": self.z,
-                "betas": list(self.betas)}
+                "betas": list(self.betas), "search_steps": self.search_steps}
 
     def prepare(self, ctx: HashingContext) -> dict[str, Tensor]:
         # A trained hashing model maps the database onto few distinct codes, and the objective
@@ -113,8 +127,52 @@ class SDHAAttack(HashingAttack):
         f_value = surrogate / counts.sum(1).clamp_min(1)  # Eq. 6 / 7 (sign below)
         if not self.targeted:
             f_value = -f_value
-        alpha = self.lagrange / f.shape[1]
+        lagrange = consts["lagrange"][rows] if "lagrange" in consts else self.lagrange
+        alpha = lagrange / f.shape[1]
         return torch.linalg.vector_norm(delta.flatten(1), dim=1) + alpha * f_value
+
+    def perturb(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor) -> HashingAttackResult:
+        ctx = self._context(model, gallery, images, sample_indices)
+        consts = self.prepare(ctx)
+        batch, device = images.shape[0], images.device
+        lagrange = torch.full((batch,), self.lagrange, device=device)
+        if self.search_steps == 1:
+            result = self._optimize(model, images, ctx, consts)
+            result.metrics["lagrange"] = lagrange
+            result.metrics["search_iterations"] = result.metrics["iterations"].clone()
+            return result
+        lower = torch.zeros_like(lagrange)
+        upper = torch.full_like(lagrange, math.inf)
+        best: HashingAttackResult | None = None
+        best_lagrange = lagrange.clone()
+        spent = torch.zeros_like(lagrange)
+        for _ in range(self.search_steps):
+            run = self._optimize(model, images, ctx, {**consts, "lagrange": lagrange})
+            spent += run.metrics["iterations"]
+            success = run.metrics["success"].bool()
+            if best is None:
+                take = torch.ones_like(success)
+            else:
+                take = self._better(run, best)
+            best = run if best is None else _select_rows(take, run, best)
+            best_lagrange = torch.where(take, lagrange, best_lagrange)
+            upper = torch.where(success, torch.minimum(upper, lagrange), upper)
+            lower = torch.where(success, lower, torch.maximum(lower, lagrange))
+            lagrange = torch.where(torch.isinf(upper), lagrange * 10.0, (lower + upper) / 2)
+        assert best is not None
+        best.metrics["lagrange"] = best_lagrange
+        best.metrics["search_iterations"] = spent
+        return best
+
+    def _better(self, run: HashingAttackResult, best: HashingAttackResult) -> Tensor:
+        """``[B]`` whether ``run`` beats ``best`` per query: success first, then l2 (successes) or AP."""
+        s_new, s_old = run.metrics["success"].bool(), best.metrics["success"].bool()
+        l2_new, l2_old = run.metrics["l2"], best.metrics["l2"]
+        ap_new, ap_old = run.metrics["ap"], best.metrics["ap"]
+        closer = ap_new > ap_old if self.targeted else ap_new < ap_old
+        same_ap = ap_new == ap_old
+        return (s_new & ~s_old) | (s_new & s_old & (l2_new < l2_old)) | (
+            ~s_new & ~s_old & (closer | (same_ap & (l2_new < l2_old))))
 
     # Adam (Kingma & Ba), per query; all active queries share the step count.
     def init_optimizer(self, delta: Tensor) -> dict[str, Tensor]:
@@ -129,4 +187,20 @@ class SDHAAttack(HashingAttack):
         m_hat = m / (1 - b1**t)
         v_hat = v / (1 - b2**t)
         return delta - self.lr * m_hat / (v_hat.sqrt() + 1e-8)
+
+
+def _select_rows(take: Tensor, a: HashingAttackResult, b: HashingAttackResult) -> HashingAttackResult:
+    """Per query (row), ``a``'s result where ``take`` else ``b``'s: tensors, metrics and trace."""
+
+    def pick(x: Tensor, y: Tensor) -> Tensor:
+        mask = take.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(mask, x, y)
+
+    assert a.trace is not None and b.trace is not None
+    trace = AttackTrace(a.trace.iterations, pick(a.trace.ap, b.trace.ap), pick(a.trace.l2, b.trace.l2),
+                        a.trace.targeted)
+    return HashingAttackResult(
+        adversarial=pick(a.adversarial, b.adversarial), perturbation=pick(a.perturbation, b.perturbation),
+        metrics={k: pick(a.metrics[k], b.metrics[k]) for k in a.metrics}, targets=a.targets,
+        goal_labels=a.goal_labels, trace=trace)
 

@@ -45,16 +45,18 @@ TARGETED = ("SDHA-T", "SDHA-UW-T", "DHTA")
 def build_attacks(args: argparse.Namespace, tanh_scale_factor: float = 1.0) -> dict[str, HashingAttack]:
     common = {"eps": args.eps, "check_every": args.check_every, "topk": args.topk, "seed": args.seed,
               "tanh_scales": scaled_tanh_scales(tanh_scale_factor)}
-    sdha = {"steps": args.steps, "lr": args.lr, **common}
-    baseline = {"steps": args.baseline_steps, **common}
+    # goal_ap (the per-query stopping bound) is the same for an attack and its baseline.
+    untargeted = {**common, "goal_ap": args.goal_ap_untargeted}
+    targeted = {**common, "goal_ap": args.goal_ap_targeted}
+    sdha = {"steps": args.steps, "lr": args.lr, "search_steps": args.search_steps}
     lag_u, lag_t = args.lagrange, args.lagrange_targeted or args.lagrange
     return {
-        "SDHA": SDHAAttack(lagrange=lag_u, **sdha),
-        "SDHA-UW": SDHAAttack(z=0.0, lagrange=lag_u, **sdha),
-        "HAG": HAGAttack(lr=args.hag_lr, **baseline),
-        "SDHA-T": SDHAAttack(True, "random", lagrange=lag_t, **sdha),
-        "SDHA-UW-T": SDHAAttack(True, "random", z=0.0, lagrange=lag_t, **sdha),
-        "DHTA": DHTAAttack("random", lr=args.dhta_lr, **baseline),
+        "SDHA": SDHAAttack(lagrange=lag_u, **sdha, **untargeted),
+        "SDHA-UW": SDHAAttack(z=0.0, lagrange=lag_u, **sdha, **untargeted),
+        "HAG": HAGAttack(lr=args.hag_lr, steps=args.baseline_steps, **untargeted),
+        "SDHA-T": SDHAAttack(True, "random", lagrange=lag_t, **sdha, **targeted),
+        "SDHA-UW-T": SDHAAttack(True, "random", z=0.0, lagrange=lag_t, **sdha, **targeted),
+        "DHTA": DHTAAttack("random", lr=args.dhta_lr, steps=args.baseline_steps, **targeted),
     }
 
 
@@ -89,21 +91,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in names:
             attack = attacks[name]
             start = time.perf_counter()
-            traces, iterations = [], []
+            traces, iterations, spent, lagrange = [], [], [], []
             for s in range(0, len(workload), args.batch):
                 sl = slice(s, s + args.batch)
                 r = attack(model, gallery, images[sl], workload[sl], query_labels=labels[sl])
                 traces.append(r.trace)
                 iterations.append(r.metrics["iterations"])
+                # SDHA's binary search of alpha runs several times: its cost and its choice per query.
+                spent.append(r.metrics.get("search_iterations", r.metrics["iterations"]))
+                if "lagrange" in r.metrics:
+                    lagrange.append(r.metrics["lagrange"])
             trace = AttackTrace.cat(traces)
             seconds = time.perf_counter() - start
             entry[name] = {"targeted": attack.targeted, "hparams": attack.hparams, "seconds": seconds,
                            "tanh_scale_factor": factor,
                            "mean_iterations": float(torch.cat(iterations).mean()),
+                           "mean_search_iterations": float(torch.cat(spent).mean()),
+                           "lagrange": torch.cat(lagrange).tolist() if lagrange else None,
                            "iterations": trace.iterations.tolist(), "ap": trace.ap.tolist(), "l2": trace.l2.tolist()}
             final_map, final_l2 = trace.final()
             print(f"[{bits} bits] {name}: clean mAP {float(trace.ap[:, 0].mean()):.4f} -> {final_map:.4f}, "
-                  f"l2 {final_l2:.3f}, {entry[name]['mean_iterations']:.0f} iterations/query, {seconds:.0f} s",
+                  f"l2 {final_l2:.3f}, {entry[name]['mean_iterations']:.0f} iterations/query "
+                  f"({entry[name]['mean_search_iterations']:.0f} over all runs), {seconds:.0f} s",
                   flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results))
@@ -210,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="SDHA Adam learning rate")
     parser.add_argument("--lagrange", type=float, default=20.0, help="SDHA alpha * K")
     parser.add_argument("--lagrange-targeted", type=float, default=None, help="targeted alpha * K (default: --lagrange)")
+    parser.add_argument("--search-steps", type=int, default=1,
+                        help="SDHA: runs of the per-query binary search of alpha (1: alpha fixed at --lagrange / K)")
+    parser.add_argument("--goal-ap-untargeted", type=float, default=None,
+                        help="per-query AP at which the untargeted attacks stop (default: the paper's 0)")
+    parser.add_argument("--goal-ap-targeted", type=float, default=None,
+                        help="per-query AP at which the targeted attacks stop (default: the paper's 1)")
     parser.add_argument("--tanh-scale-factor", type=_scale_factor, default=1.0,
                         help="multiplies the paper's gamma schedule (0.1 ... 1.0) of every attack; 'auto': "
                              "1 / median |hash logit| of the model's clean workload (attacks.logit_scale_factor)")

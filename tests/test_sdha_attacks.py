@@ -206,6 +206,75 @@ def test_early_termination_freezes_a_query_at_its_bound(tiny_dch):
     assert bool((full.metrics["iterations"] == 60).all())
 
 
+def test_goal_ap_sets_the_bound_of_success_and_early_termination(tiny_dch):
+    """A looser bound than the paper's (AP 1 targeted) freezes each query as soon as it is good enough."""
+    kwargs = dict(targeted=True, target_label="random", eps=0.3, steps=40, check_every=5, lagrange=100.0, topk=16)
+    args = (tiny_dch.model, tiny_dch.gallery, tiny_dch.queries, tiny_dch.indices)
+    paper = SDHAAttack(**kwargs)(*args, query_labels=tiny_dch.query_labels)
+    loose = SDHAAttack(goal_ap=0.5, **kwargs)(*args, query_labels=tiny_dch.query_labels)
+    m, trace = loose.metrics, loose.trace
+    assert SDHAAttack(**kwargs).goal_ap == 1.0 and SDHAAttack(**FAST).goal_ap == 0.0
+    assert torch.equal(m["success"], (m["ap"] >= 0.5).float())
+    assert bool((m["iterations"] < paper.metrics["iterations"]).any())
+    for row in range(len(m["ap"])):  # a successful query stopped at its first check with AP >= 0.5
+        if m["success"][row]:
+            first = int(torch.nonzero(trace.ap[row] >= 0.5).flatten()[0])
+            assert int(trace.iterations[first]) == int(m["iterations"][row])
+            assert float(m["l2_at_target"][row]) == pytest.approx(float(trace.l2[row, first]), abs=1e-6)
+    with pytest.raises(ValueError, match="goal_ap must be an AP in"):
+        DHTAAttack("random", goal_ap=1.5)
+
+
+def _search_kwargs(targeted: bool) -> dict:
+    kwargs = dict(eps=0.3, steps=30, check_every=5, lagrange=50.0, topk=16)
+    if targeted:
+        kwargs.update(targeted=True, target_label="random", goal_ap=0.6)
+    return kwargs
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_binary_search_of_alpha_keeps_the_smallest_successful_perturbation(tiny_dch, targeted):
+    """C&W-style search (SDHA Sec. 4.3): per query, success first, then the smallest l2; each query's
+    result is the run of its chosen alpha; search_steps = 1 is the plain attack."""
+    kwargs = _search_kwargs(targeted)
+    args = (tiny_dch.model, tiny_dch.gallery, tiny_dch.queries, tiny_dch.indices)
+    single = SDHAAttack(**kwargs)(*args, query_labels=tiny_dch.query_labels)
+    assert bool((single.metrics["lagrange"] == 50.0).all())
+    assert torch.equal(single.metrics["search_iterations"], single.metrics["iterations"])
+    search = SDHAAttack(search_steps=4, **kwargs)(*args, query_labels=tiny_dch.query_labels)
+    m, m1 = search.metrics, single.metrics
+    ok1 = m1["success"].bool()
+    assert bool(m["success"][ok1].all())  # success is never lost
+    assert bool((m["l2"][ok1] <= m1["l2"][ok1] + 1e-6).all())  # and never with a larger perturbation
+    assert bool((m["lagrange"][ok1] <= 50.0).all())  # successes move alpha down...
+    assert bool((m["search_iterations"] >= m["iterations"]).all())
+    assert bool((m["lagrange"] != 50.0).any())  # ... and some query took another alpha
+    # the first run with alpha halved succeeds for some query with less l2: the search found it
+    assert float(m["l2"][ok1].sum()) < float(m1["l2"][ok1].sum())
+    # each query's result is the plain attack with its chosen alpha (rows are independent)
+    for value in m["lagrange"].unique().tolist():
+        rows = m["lagrange"] == value
+        again = SDHAAttack(**{**kwargs, "lagrange": value})(*args, query_labels=tiny_dch.query_labels)
+        torch.testing.assert_close(search.adversarial[rows], again.adversarial[rows])
+        torch.testing.assert_close(search.trace.l2[rows], again.trace.l2[rows])
+        assert torch.equal(m["ap"][rows], again.metrics["ap"][rows])
+
+
+def test_binary_search_raises_alpha_for_queries_that_fail(tiny_dch):
+    kwargs = dict(targeted=True, target_label="random", eps=0.3, steps=10, check_every=5, lagrange=0.5, topk=16,
+                  goal_ap=0.9)
+    args = (tiny_dch.model, tiny_dch.gallery, tiny_dch.queries, tiny_dch.indices)
+    single = SDHAAttack(**kwargs)(*args, query_labels=tiny_dch.query_labels)
+    failed = ~single.metrics["success"].bool()
+    assert bool(failed.any())
+    search = SDHAAttack(search_steps=3, **kwargs)(*args, query_labels=tiny_dch.query_labels)
+    chosen = search.metrics["lagrange"][failed]
+    assert bool((chosen >= 0.5).all()) and bool((chosen > 0.5).any())  # a failure moves alpha up (x10 at first)
+    assert float(search.metrics["success"].sum()) > float(single.metrics["success"].sum())
+    with pytest.raises(ValueError, match="search_steps"):
+        SDHAAttack(search_steps=0)
+
+
 @pytest.mark.parametrize("targeted", [False, True])
 def test_results_do_not_depend_on_the_batch_composition(tiny_dch, targeted):
     """Queries stop at different times; masking (not shrinking) the batch keeps results per query,

@@ -69,6 +69,19 @@ def test_suite_tanh_scale_factor_multiplies_the_papers_schedule():
             ATTACKS.get("SDHA").build(0.1, None, 0, tanh_scale_factor=bad)
 
 
+def test_suite_options_goal_ap_and_search_steps():
+    suite = {**SUITE, "attacks": [{"attack": "SDHA-T", "epsilons": [0.3], "target_label": "random", "goal_ap": 0.9,
+                                   "search_steps": 3}, {"attack": "DHTA", "epsilons": [0.3],
+                                                        "target_label": "random", "goal_ap": 0.9}]}
+    sdha, dhta = Suite.from_dict(suite).attacks
+    attack = ATTACKS.get("SDHA-T").build(0.3, None, 0, **sdha.options)
+    assert attack.goal_ap == 0.9 and attack.search_steps == 3
+    assert ATTACKS.get("DHTA").build(0.3, None, 0, **dhta.options).goal_ap == 0.9
+    assert {"lagrange", "search_iterations"} <= set(ATTACKS.get("SDHA-T").metrics)
+    with pytest.raises(SuiteError, match="search_steps"):
+        Suite.from_dict({**SUITE, "attacks": [{"attack": "HAG", "epsilons": [0.1], "search_steps": 2}]})
+
+
 def test_engine_runs_the_hashing_attacks_on_the_query_database_split(dch_split):
     model, dm = dch_split
     results = evaluate(model, dm)

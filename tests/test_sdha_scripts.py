@@ -52,10 +52,15 @@ def test_tables_script_and_reprint(tiny_run, scripts_on_path, tmp_path, capsys):
     common = ["--queries", "4", "--batch", "2", "--steps", "10", "--baseline-steps", "10", "--check-every", "5",
               "--eps", "0.3", "--topk", "10", "--lagrange", "100", "--out", str(out)]
     sdha_tables.main(["--ckpt", str(tiny_run), "--attacks", "SDHA", "HAG", *common])
-    sdha_tables.main(["--ckpt", str(tiny_run), "--attacks", "SDHA-T", "DHTA", *common])  # merged into the file
+    sdha_tables.main(["--ckpt", str(tiny_run), "--attacks", "SDHA-T", "DHTA", "--search-steps", "2",
+                      "--goal-ap-targeted", "0.5", *common])  # merged into the file
     results = json.loads(out.read_text())
     assert set(results["16"]) == {"ckpt", "SDHA", "HAG", "SDHA-T", "DHTA"}
     assert len(results["16"]["SDHA"]["ap"]) == 4 and results["16"]["SDHA"]["iterations"] == [0, 5, 10]
+    sdha_t = results["16"]["SDHA-T"]
+    assert sdha_t["hparams"]["search_steps"] == 2 and sdha_t["hparams"]["goal_ap"] == 0.5
+    assert results["16"]["DHTA"]["hparams"]["goal_ap"] == 0.5 and results["16"]["SDHA"]["hparams"]["goal_ap"] == 0.0
+    assert len(sdha_t["lagrange"]) == 4 and sdha_t["mean_search_iterations"] >= sdha_t["mean_iterations"]
     capsys.readouterr()
     sdha_tables.main(["--from-json", str(out)])
     printed = capsys.readouterr().out
