@@ -150,10 +150,7 @@ class SDHAAttack(HashingAttack):
             run = self._optimize(model, images, ctx, {**consts, "lagrange": lagrange})
             spent += run.metrics["iterations"]
             success = run.metrics["success"].bool()
-            if best is None:
-                take = torch.ones_like(success)
-            else:
-                take = self._better(run, best)
+            take = torch.ones_like(success) if best is None else self._better(run, best)
             best = run if best is None else _select_rows(take, run, best)
             best_lagrange = torch.where(take, lagrange, best_lagrange)
             upper = torch.where(success, torch.minimum(upper, lagrange), upper)
