@@ -234,7 +234,7 @@ def _search_kwargs(targeted: bool) -> dict:
 
 @pytest.mark.parametrize("targeted", [False, True])
 def test_binary_search_of_alpha_keeps_the_smallest_successful_perturbation(tiny_dch, targeted):
-    """C&W-style search (SDHA Sec. 4.3): per query, success first, then the smallest l2; each query's
+    """C&W-style search (SDHA Sec. 4.2): per query, success first, then the smallest l2; each query's
     result is the run of its chosen alpha; search_steps = 1 is the plain attack."""
     kwargs = _search_kwargs(targeted)
     args = (tiny_dch.model, tiny_dch.gallery, tiny_dch.queries, tiny_dch.indices)
