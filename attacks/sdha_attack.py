@@ -137,6 +137,8 @@ class SDHAAttack(HashingAttack):
         batch, device = images.shape[0], images.device
         lagrange = torch.full((batch,), self.lagrange, device=device)
         if self.search_steps == 1:
+            # One run needs no search state; the scalar alpha of the objective (no "lagrange"
+            # in consts) keeps it bit for bit the attack the earlier tables were made with.
             result = self._optimize(model, images, ctx, consts)
             result.metrics["lagrange"] = lagrange
             result.metrics["search_iterations"] = result.metrics["iterations"].clone()
