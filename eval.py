@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,39 @@ PROG = "eval.py"
 
 class EvalError(Exception):
     """Bad input, reported as one line before any work starts."""
+
+
+#: The signal that asked this process to stop (SIGINT / SIGTERM), or None. The engine polls it
+#: before every attack batch, so a stop lands within one batch with a valid partial report.
+_STOP_SIGNAL: list[int | None] = [None]
+#: Exit codes: 2 bad input, 3 a report was written but has no valid score, 128 + N a signal N.
+EXIT_INVALID = 3
+
+
+def _request_stop(signum: int, _frame: Any) -> None:
+    if _STOP_SIGNAL[0] is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop at once
+        raise KeyboardInterrupt
+    _STOP_SIGNAL[0] = signum
+
+
+def _install_signal_handlers() -> None:
+    _STOP_SIGNAL[0] = None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _request_stop)
+
+
+def _is_rank_zero() -> bool:
+    """Lightning's DDP launcher re-runs this script with LOCAL_RANK / RANK set for the other ranks."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def _exit_interrupted(finished: int, total: int, partial: Path | None) -> NoReturn:
+    signum = _STOP_SIGNAL[0] or signal.SIGINT
+    if _is_rank_zero():
+        where = f" (partial report: {partial})" if partial is not None else ""
+        print(f"{PROG}: interrupted after {finished} of {total} configurations; "
+              f"run the same command to resume{where}", file=sys.stderr)
+    raise SystemExit(128 + int(signum))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,12 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=None, metavar="DIR",
                         help="where to write the reports (default: <run>/robustness/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute even if a finished or partial report of this checkpoint and suite exists "
+                             "(the finished report is replaced only when the new one is complete)")
+    parser.add_argument("--no-sanity", action="store_true",
+                        help="skip the suite's large-budget sanity checks (see docs/reliability.md)")
     return parser
 
 
 @dataclass
 class _Job:
-    """One checkpoint, ready to evaluate."""
+    """One checkpoint, ready to evaluate.
+
+    ``fingerprint`` identifies the run (checkpoint bytes, suite, data); a partial report with the
+    same fingerprint is resumed (``completed``), a finished one is reused (``finished``).
+    """
 
     ckpt: Path
     model: Any
@@ -103,6 +147,13 @@ class _Job:
     json_path: Path
     md_path: Path
     title: str
+    fingerprint: dict[str, Any] | None = None
+    completed: list[Any] | None = None
+    finished: Any = None
+
+    @property
+    def partial_path(self) -> Path:
+        return self.json_path.with_name(f"{self.json_path.stem}.partial.json")
 
 
 # --------------------------------------------------------------------------- preparation
@@ -112,7 +163,8 @@ def load_suite(args: argparse.Namespace) -> Any:
 
     try:
         suite = Suite.from_yaml(args.suite, kinds=SUITE_KINDS)
-        return suite.with_overrides(num_samples=args.num_samples, batch_size=args.batch_size)
+        sanity = False if getattr(args, "no_sanity", False) and suite.kind == "ranking" else None
+        return suite.with_overrides(num_samples=args.num_samples, batch_size=args.batch_size, sanity=sanity)
     except SuiteError as err:
         raise EvalError(str(err)) from None
 
@@ -246,17 +298,92 @@ def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
             suite.check_gallery(len(datamodule.eval_set))
         except SuiteError as err:
             raise EvalError(str(err)) from None
+        if suite.kind == "ranking":
+            check_applicable(ckpt, model, datamodule, suite)
         out_dir = Path(args.output_dir) if args.output_dir else run_dir(ckpt) / "robustness"
+        check_writable(out_dir)
         title = f"{run_dir(ckpt).name}/{ckpt.stem}"
-        # A universal report is named after its suite, so it never replaces the per-sample report.
-        stem = ckpt.stem if suite.kind == "ranking" else f"{ckpt.stem}.{suite.name}"
+        # Reports are named after the checkpoint AND the suite: a second suite never replaces the first.
+        stem = f"{ckpt.stem}.{suite.name}"
         json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-        jobs.append(_Job(ckpt, model, datamodule, json_path, md_path, title))
+        job = _Job(ckpt, model, datamodule, json_path, md_path, title,
+                   fingerprint=run_fingerprint(ckpt, suite, data_section))
+        if suite.kind == "ranking":
+            resume_state(job, overwrite=args.overwrite)
+        jobs.append(job)
     stems = [job.json_path for job in jobs]
     if len(set(stems)) != len(stems):
         raise EvalError("two checkpoints would write the same report file; evaluate them separately with "
                         "--output-dir, or rename them")
     return suite, jobs
+
+
+def check_writable(directory: Path) -> None:
+    """Fail now (one line) if reports cannot be written to ``directory``, not after hours of attacks."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise EvalError(f"cannot write reports to {directory} ({_one_line(err)[:160]}); "
+                        "choose another --output-dir") from None
+
+
+def check_applicable(ckpt: Path, model: Any, datamodule: Any, suite: Any) -> None:
+    """Fail now (one line) if no attack of the suite applies to the model (e.g. PQ-AG on a metric ranker)."""
+    from attacks.robustness_evaluator import RobustnessEvaluator
+
+    split = getattr(datamodule, "protocol", None) == "query_database"
+    configs, skipped = RobustnessEvaluator(suite, progress=False).plan(model, query_database=split)
+    if not configs:
+        reasons = "; ".join(f"{s.attack}: {s.reason}" for s in skipped)
+        raise EvalError(f"no attack of suite {suite.name!r} applies to {ckpt} ({type(model).__name__}): {reasons}")
+
+
+def run_fingerprint(ckpt: Path, suite: Any, data_section: Any) -> dict[str, Any]:
+    """What identifies an evaluation: the checkpoint's bytes (sha256), the exact suite, the data config."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with ckpt.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"checkpoint_sha256": digest.hexdigest(), "suite": suite.to_dict(), "data": data_section}
+
+
+def resume_state(job: _Job, overwrite: bool) -> None:
+    """Find an earlier run's finished or partial report of this checkpoint and suite.
+
+    Same fingerprint: a finished report is reused (nothing recomputed), a partial one resumed.
+    Another fingerprint (the checkpoint or the suite changed): refuse, unless ``--overwrite``.
+    """
+    import json
+
+    from attacks.report import Report, config_result_from_row
+
+    if overwrite:
+        return
+    for path, kind in ((job.json_path, "finished"), (job.partial_path, "partial")):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            stored = (data.get("meta") or {}).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            data, stored = None, None
+        if stored != job.fingerprint:
+            raise EvalError(f"{path} is a {kind} report of another run (different checkpoint, suite or data); "
+                            "pass --overwrite to replace it, or --output-dir to keep both")
+        if kind == "finished":
+            job.finished = Report(data)
+            return
+        try:
+            job.completed = [config_result_from_row(row) for row in data.get("results", [])]
+        except (KeyError, TypeError, ValueError) as err:
+            raise EvalError(f"cannot resume from {path} ({_one_line(err)[:120]}); pass --overwrite") from None
+        return
 
 
 # --------------------------------------------------------------------------- running
@@ -267,7 +394,7 @@ def evaluate(job: _Job, args: argparse.Namespace) -> Any:
     from attacks.report import Report
     from callbacks.robustness_evaluation import RobustnessEvaluation
 
-    partial = job.json_path.with_name(f"{job.ckpt.stem}.partial.json")
+    partial = job.partial_path
     callback = RobustnessEvaluation(
         suite=args.suite,
         num_samples=args.num_samples,
@@ -275,7 +402,12 @@ def evaluate(job: _Job, args: argparse.Namespace) -> Any:
         log_images=False,
         progress=not args.no_progress,
         partial_report=str(partial),
+        partial_meta={"fingerprint": job.fingerprint, "checkpoint": str(job.ckpt)},
+        completed=job.completed or (),
+        should_stop=lambda: _STOP_SIGNAL[0] is not None,
     )
+    if args.no_sanity:
+        callback.evaluator.suite = callback.evaluator.suite.with_overrides(sanity=False)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -294,7 +426,9 @@ def evaluate(job: _Job, args: argparse.Namespace) -> Any:
         return None
     results = callback.last_results
     report = Report.from_results(results, checkpoint=str(job.ckpt), title=job.title,
-                                 meta={"accelerator": args.accelerator, "devices": args.devices})
+                                 meta={"accelerator": args.accelerator, "devices": args.devices,
+                                       "fingerprint": job.fingerprint,
+                                       "resumed_configurations": len(job.completed or [])})
     report.write(job.json_path, job.md_path)  # atomic: a finished report is only ever replaced by one
     partial.unlink(missing_ok=True)
     return report
@@ -742,6 +876,7 @@ def main(argv: list[str] | None = None) -> list[Any]:
     runs return their JSON data (dicts).
     """
     args = build_parser().parse_args(argv)
+    _install_signal_handlers()
     try:
         if args.source:
             plan = prepare_transfer(args)
@@ -769,14 +904,34 @@ def main(argv: list[str] | None = None) -> list[Any]:
     # Lightning's info lines ("GPU available ...") would drown the tables.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    reports = []
+    from attacks.robustness_evaluator import EvaluationInterrupted, InvalidInputError
+
+    reports, failed = [], []
     for job in jobs:
-        report = evaluate(job, args)
+        if job.finished is not None:
+            reports.append(job.finished)
+            print(job.finished.to_markdown())
+            print(f"{job.json_path} is up to date (same checkpoint, suite and data); --overwrite recomputes it\n")
+            continue
+        try:
+            report = evaluate(job, args)
+        except EvaluationInterrupted as err:
+            _exit_interrupted(len(err.finished), err.total, job.partial_path)
+        except InvalidInputError as err:
+            if _is_rank_zero():
+                print(f"{PROG}: error: {job.ckpt}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         if report is None:
             continue
         reports.append(report)
         print(report.to_markdown())
         print(f"wrote {job.json_path} and {job.md_path}\n")
+        warnings = report.data.get("warnings") or []
+        if warnings:
+            more = f" (+{len(warnings) - 1} more, see the report)" if len(warnings) > 1 else ""
+            print(f"{PROG}: warning: {job.ckpt}: {warnings[0]}{more}", file=sys.stderr)
+        if report.data.get("robustness_score") is None and report.data.get("score_invalid"):
+            failed.append(f"{job.ckpt}: no robustness score: {report.data['score_invalid']} (report: {job.json_path})")
     if len(reports) > 1:
         from attacks.report import Report, write_atomic
 
@@ -785,6 +940,10 @@ def main(argv: list[str] | None = None) -> list[Any]:
         write_atomic(out_dir / "comparison.md", text)
         print(text)
         print(f"wrote {out_dir / 'comparison.md'}")
+    if failed:
+        for line in failed:
+            print(f"{PROG}: error: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_INVALID)
     return reports
 
 

@@ -8,7 +8,7 @@ its own arguments) and then called on batches::
 The base class owns everything that is not specific to an attack:
 
 - capability check (``needs``) -> :class:`NotApplicableError`;
-- input validation (shapes, index range, images in ``[0, 1]``);
+- input validation (shapes, index range, images finite and in ``[0, 1]``);
 - model in eval mode, parameters with ``requires_grad=False`` for the duration of the call,
   both restored afterwards (per submodule / per parameter, also on error);
 - ``torch.inference_mode(False)`` + ``torch.enable_grad()``, so an attack also works when the
@@ -208,6 +208,8 @@ class Attack:
         n = len(gallery)
         if int(sample_indices.min()) < 0 or int(sample_indices.max()) >= n:
             raise ValueError(f"sample_indices must be gallery indices in [0, {n})")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images must be finite (they contain NaN / inf values)")
         if float(images.min()) < 0.0 or float(images.max()) > 1.0:
             raise ValueError("images must be in [0, 1] (normalization belongs inside the model)")
         return sample_indices.long()

@@ -17,7 +17,7 @@ entry and the report says "not applicable: needs codebooks".
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +58,9 @@ class AttackEntry:
             gallery holds ``embed`` outputs) or ``"query_database"`` (the hashing / PQ protocol:
             queries of ``datamodule.query_set`` are attacked, the gallery holds the database's
             ``encode`` outputs, and the attack receives ``query_labels=``).
+        sanity_options: options the large-budget sanity check sets on top of the suite entry's
+            (:class:`attacks.suite.SanitySettings`), e.g. QA's ``G = 0``: the semantics-preserving
+            term exists to hold the attack back, so an unbounded check runs without it.
     """
 
     name: str
@@ -71,6 +74,7 @@ class AttackEntry:
     direction: Literal["+", "-"] | None = None
     description: str = ""
     protocol: Literal["gallery", "query_database"] = "gallery"
+    sanity_options: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def allowed_keys(self) -> frozenset[str]:
@@ -123,6 +127,7 @@ class AttackRegistry:
         direction: Literal["+", "-"] | None = None,
         description: str = "",
         protocol: Literal["gallery", "query_database"] = "gallery",
+        sanity_options: Mapping[str, object] | None = None,
     ) -> AttackEntry:
         """Register ``name``; ``options`` are added to :data:`COMMON_OPTIONS`."""
         if protocol not in ("gallery", "query_database"):
@@ -139,6 +144,7 @@ class AttackRegistry:
             direction=direction,
             description=description,
             protocol=protocol,
+            sanity_options=dict(sanity_options or {}),
         ))
 
     def unregister(self, name: str) -> None:
@@ -198,10 +204,10 @@ ATTACKS.register("CA-", _candidate_attack("-"), size_key="w", options={"percent"
                  metrics=("rank", "rank_clean"), clean_metric="rank_clean", direction="-",
                  description="candidate attack, lower c's rank w.r.t. w top-1% queries (ECCV 2020 Eq. 7)")
 ATTACKS.register("QA+", _query_attack("+"), size_key="m", options={"xi", "G", "percent", "reduction"}, metrics=_QA_METRICS,
-                 clean_metric="rank_clean", direction="+",
+                 clean_metric="rank_clean", direction="+", sanity_options={"G": 0},
                  description="query attack with SP term, raise m random candidates (ECCV 2020 Eq. 11-12)")
 ATTACKS.register("QA-", _query_attack("-"), size_key="m", options={"xi", "G", "percent", "reduction"}, metrics=_QA_METRICS,
-                 clean_metric="rank_clean", direction="-",
+                 clean_metric="rank_clean", direction="-", sanity_options={"G": 0},
                  description="query attack with SP term, lower m top-1% candidates (ECCV 2020 Eq. 9, 12)")
 ATTACKS.register("ES", _max_shift_attack, metric="shift", metrics=("shift",),
                  description="maximum embedding shift d(f(x~), f(x)) (ECCV 2020 Sec. 3.3)")

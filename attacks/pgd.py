@@ -12,13 +12,17 @@ instance its own gradient in one backward pass.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["eccv_step_rules", "pgd_linf", "project_linf"]
+__all__ = ["GradientDiagnostics", "eccv_step_rules", "observe_step", "pgd_linf", "project_linf",
+           "record_gradient_diagnostics"]
 
 # Guard for float error in 2 * eps / alpha, e.g. 2 * 0.06 / 0.006 = 19.999999999999996.
 _ROUND_TOL = 1e-9
@@ -48,6 +52,60 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be a finite number in [0, 1], got {eps!r}")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"eps must be in [0, 1] (pixel units), got {eps}")
+
+
+@dataclass
+class GradientDiagnostics:
+    """What the optimizer saw during one attack call, per instance (``[B]`` bool tensors).
+
+    Attributes:
+        zero_grad: the input gradient at the first step was exactly zero (an attack that cannot
+            move: gradient masking, a saturated loss, or nothing left to do).
+        nonfinite_grad: the input gradient at the first step had a NaN / inf entry.
+        nonfinite_loss: the loss was NaN / inf at some step.
+
+    ``None`` until a step was observed (an attack with its own optimizer loop that does not
+    report its steps leaves them ``None``: "not recorded", never "fine").
+    """
+
+    zero_grad: Tensor | None = None
+    nonfinite_grad: Tensor | None = None
+    nonfinite_loss: Tensor | None = None
+
+    def observe(self, loss: Tensor, grad: Tensor) -> None:
+        """Record one optimizer step: per-instance ``loss [B]`` and input gradient ``grad [B, ...]``."""
+        bad_loss = ~torch.isfinite(loss.detach())
+        self.nonfinite_loss = bad_loss if self.nonfinite_loss is None else self.nonfinite_loss | bad_loss
+        if self.zero_grad is None:  # the first step only: where the attack starts from
+            flat = grad.detach().flatten(1)
+            self.nonfinite_grad = ~torch.isfinite(flat).all(dim=1)
+            self.zero_grad = (flat == 0).all(dim=1)
+
+
+_RECORDER: ContextVar[GradientDiagnostics | None] = ContextVar("gradient_diagnostics", default=None)
+
+
+@contextlib.contextmanager
+def record_gradient_diagnostics() -> Iterator[GradientDiagnostics]:
+    """Collect the :class:`GradientDiagnostics` of the optimizer steps run inside the block.
+
+    The evaluation engine wraps each attack call in it; the attacks themselves need not know
+    (:func:`pgd_linf` reports its steps through :func:`observe_step`). Observation only: the
+    attack's result does not change.
+    """
+    recorder = GradientDiagnostics()
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+def observe_step(loss: Tensor, grad: Tensor) -> None:
+    """Report one optimizer step to the active recorder, if any (see :func:`record_gradient_diagnostics`)."""
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.observe(loss, grad)
 
 
 def _per_sample(value: float | Tensor, x: Tensor, name: str) -> float | Tensor:
@@ -145,5 +203,6 @@ def pgd_linf(
             )
         # Instances are independent: d(sum)/dx_i = dL_i/dx_i.
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        observe_step(loss, grad)
         x_adv = project_linf(x_adv.detach() - alpha_b * grad.sign(), x, eps_b)
     return x_adv.detach()

@@ -31,20 +31,32 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Report", "result_row", "write_atomic"]
+__all__ = ["Report", "config_result_from_row", "result_row", "write_atomic"]
 
 FORMAT = "robust-ranking/robustness-report/v1"
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder + ``os.replace``.
+
+    The file gets the permissions of a plainly created one (``0o666`` less the umask, usually
+    0644), not the 0600 of the temporary file, so reports stay readable by the user's group.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,23 +79,57 @@ def _git_commit() -> dict[str, Any] | None:
 
 
 def result_row(r: Any) -> dict[str, Any]:
-    """The JSON row of one :class:`attacks.robustness_evaluator.ConfigResult`."""
+    """The JSON row of one :class:`attacks.robustness_evaluator.ConfigResult`.
+
+    An invalid result keeps no numbers (``mean`` / ``std`` / ``clean`` are null) and says why in
+    ``invalid``, so nothing downstream can read a score out of it.
+    """
     row: dict[str, Any] = {"attack": r.attack, "eps": r.eps}
     if r.size_key is not None:
         row[r.size_key] = r.size
+    invalid = getattr(r, "invalid", None)
     row.update({
         "size_key": r.size_key,
         "metric": r.metric,
-        "mean": r.mean,
-        "std": r.std,
+        "mean": None if invalid else r.mean,
+        "std": None if invalid else r.std,
         "T": r.count,
         "wall_s": round(r.wall_s, 4),
-        "clean": r.clean,
+        "clean": None if invalid else r.clean,
         "direction": r.direction,
     })
     row.update(dict(r.extra))
     row["hparams"] = dict(r.hparams)
+    row["invalid"] = invalid
+    row["diagnostics"] = dict(getattr(r, "diagnostics", {}) or {})
+    row["spec_index"] = getattr(r, "spec_index", None)
     return row
+
+
+def config_result_from_row(row: dict[str, Any]) -> Any:
+    """The :class:`attacks.robustness_evaluator.ConfigResult` a JSON row was written from (for resuming)."""
+    from attacks.robustness_evaluator import ConfigResult
+
+    known = {"attack", "eps", "size_key", "metric", "mean", "std", "T", "wall_s", "clean", "direction", "hparams",
+             "invalid", "diagnostics", "spec_index"}
+    size_key = row.get("size_key")
+    if size_key:
+        known.add(size_key)
+    def number(value: Any) -> float:  # invalid rows store null
+        return math.nan if value is None else float(value)
+
+    return ConfigResult(
+        attack=row["attack"], eps=float(row["eps"]), size_key=size_key, size=row.get(size_key) if size_key else None,
+        metric=row["metric"], mean=number(row["mean"]), std=number(row["std"]), count=int(row["T"]),
+        wall_s=float(row["wall_s"]), clean=row.get("clean"), direction=row.get("direction"),
+        extra={k: v for k, v in row.items() if k not in known}, hparams=dict(row.get("hparams") or {}),
+        invalid=row.get("invalid"), diagnostics=dict(row.get("diagnostics") or {}), spec_index=row.get("spec_index"),
+    )
+
+
+def sanity_row(check: Any) -> dict[str, Any]:
+    """The JSON row of one :class:`attacks.robustness_evaluator.SanityCheck`."""
+    return {**result_row(check.result), "threshold": check.threshold, "passed": check.passed}
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -134,7 +180,10 @@ class Report:
             "clean": results.clean,
             "robustness_score": results.score.value,
             "score_per_attack": results.score.per_attack,
+            "score_invalid": results.score.invalid or getattr(results, "invalid", None),
+            "warnings": list(getattr(results, "warnings", [])),
             "results": rows,
+            "sanity": [sanity_row(c) for c in getattr(results, "sanity", [])],
             "skipped": [
                 {"attack": s.attack, "reason": s.reason, "epsilons": list(s.epsilons),
                  **({s.size_key: list(s.sizes)} if s.size_key else {})}
@@ -190,6 +239,7 @@ class Report:
     def to_markdown(self) -> str:
         d = self.data
         lines = [f"# Robustness: {d['title']}", ""]
+        lines += _warning_lines(d)
         lines += self._summary_lines()
         lines += [""]
         rank_table = _rank_table([(None, d)])
@@ -204,6 +254,12 @@ class Report:
                       "query, largest over m.", ""] + sp + [""]
         for metric, table in _other_tables([(None, d)]).items():
             lines += [f"{_METRIC_TITLES.get(metric, metric)}", ""] + table + [""]
+        invalid = [r for r in d["results"] if r.get("invalid")]
+        if invalid:
+            lines += ["Invalid configurations (no numbers, not scored):", ""]
+            lines += [f"- {_row_label(r)}: invalid: {r['invalid']}" for r in invalid]
+            lines += [""]
+        lines += _sanity_lines(d)
         if d.get("skipped"):
             lines += ["Skipped:", ""]
             lines += [f"- {s['attack']}: {s['reason']}" for s in d["skipped"]]
@@ -214,6 +270,8 @@ class Report:
         d = self.data
         score = d.get("robustness_score")
         parts = [f"**robustness score {_fmt(score, 3)}**"]
+        if score is None and d.get("score_invalid"):
+            parts = [f"**robustness score: none** ({d['score_invalid']})"]
         per_attack = d.get("score_per_attack") or {}
         if per_attack:
             parts[0] += " (" + ", ".join(f"{a} {v:.3f}" for a, v in per_attack.items()) + ")"
@@ -267,6 +325,39 @@ class Report:
             for s in d.get("skipped", []):
                 lines.append(f"- {label}: {s['attack']} skipped ({s['reason']})")
         return "\n".join(lines).rstrip() + "\n"
+
+
+def _row_label(r: dict[str, Any]) -> str:
+    size = f" {r['size_key']}={r[r['size_key']]}" if r.get("size_key") else ""
+    return f"{r['attack']} eps={r['eps']:g}{size}"
+
+
+def _warning_lines(d: dict[str, Any]) -> list[str]:
+    """Block quotes at the top of a report: why there is no score, failed sanity checks."""
+    lines = []
+    if d.get("robustness_score") is None and d.get("score_invalid"):
+        lines.append(f"> **INVALID: no robustness score.** {d['score_invalid']}")
+    lines += [f"> **Warning:** {w}" for w in d.get("warnings") or []]
+    return lines + [""] if lines else []
+
+
+def _sanity_lines(d: dict[str, Any]) -> list[str]:
+    """The sanity-check table (large-budget configurations that must nearly always succeed)."""
+    rows = d.get("sanity") or []
+    if not rows:
+        return []
+    lines = ["Sanity checks (an attack without a real budget must nearly always succeed; not scored):", "",
+             "| attack | ε | steps | T | mean rank | needs | zero / NaN gradient at step 1 | passed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        goal = ("≤ " if r["direction"] == "+" else "≥ ") + f"{r['threshold']:g}"
+        fraction = (r.get("diagnostics") or {}).get("zero_or_nonfinite_grad_fraction")
+        grad = "–" if fraction is None else f"{100 * fraction:.0f}%"
+        mean = "invalid" if r.get("invalid") else _fmt(r["mean"])
+        size = f" {r['size_key']}={r[r['size_key']]}" if r.get("size_key") else ""
+        lines.append(f"| {r['attack']}{size} | {r['eps']:g} | {r['hparams'].get('steps', '–')} | {r['T']} | {mean} | "
+                     f"{goal} | {grad} | {'yes' if r['passed'] else '**no**'} |")
+    return lines + [""]
 
 
 _METRIC_TITLES = {"shift": "Maximum embedding shift (ES): mean d(f(x~), f(x)) ± std per eps."}
@@ -345,7 +436,7 @@ def _rank_table(blocks: Blocks) -> list[str]:
             cells = []
             for attack, _, size in columns:
                 r = _lookup(d, attack, size, eps, "rank")
-                cells.append(_fmt(r["mean"]) if r else "–")
+                cells.append(("invalid" if r.get("invalid") else _fmt(r["mean"])) if r else "–")
             lines.append(f"| {_fmt_eps(eps)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -399,7 +490,8 @@ def _other_tables(blocks: Blocks) -> dict[str, list[str]]:
             for _, d in blocks:
                 for attack, _, size in columns:
                     r = _lookup(d, attack, size, eps, metric)
-                    cells.append(f"{_fmt(r['mean'], 3)} ± {_fmt(r['std'], 3)}" if r else "–")
+                    cells.append(("invalid" if r.get("invalid") else f"{_fmt(r['mean'], 3)} ± {_fmt(r['std'], 3)}")
+                                 if r else "–")
             lines.append(f"| {_fmt_eps(eps)} | " + " | ".join(cells) + " |")
         tables[metric] = lines
     return tables

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from attacks.attack import NotApplicableError, frozen_eval
 from attacks.attack_registry import ATTACKS, AttackEntry, AttackRegistry
 from attacks.gallery import Gallery
+from attacks.pgd import record_gradient_diagnostics
 from attacks.robustness_score import RobustnessScore
 from attacks.suite import AttackConfig, Suite
 from data.retrieval_batch import collate_retrieval_batch
@@ -59,11 +60,41 @@ __all__ = [
     "AttackExample",
     "Collectives",
     "ConfigResult",
+    "EvaluationInterrupted",
+    "InvalidInputError",
     "RobustnessEvaluator",
     "RobustnessResults",
+    "SanityCheck",
     "SkippedAttack",
     "StrategyCollectives",
+    "ZERO_GRADIENT_WARNING",
 ]
+
+#: Per-sample diagnostics the engine gathers beside each attack's metrics (0 / 1 per sample):
+#: a non-finite clean or adversarial embedding / adversarial image, a non-finite loss at some
+#: optimizer step, a zero or a non-finite input gradient at the first step.
+DIAGNOSTIC_KEYS: tuple[str, ...] = ("nonfinite_embedding", "nonfinite_loss", "zero_grad", "nonfinite_grad")
+#: A configuration whose first-step input gradient was zero or non-finite for more than this
+#: fraction of its samples is flagged in the report's warnings (gradient masking, a broken loss).
+ZERO_GRADIENT_WARNING = 0.5
+
+
+class InvalidInputError(ValueError):
+    """The gallery / query images are not valid attack inputs (NaN / inf, outside ``[0, 1]``)."""
+
+
+class EvaluationInterrupted(Exception):
+    """The evaluation was asked to stop (``should_stop``); the finished configurations are kept.
+
+    Attributes:
+        finished: the configurations finished so far (this run's and resumed ones), in order.
+        total: the number of configurations of the whole evaluation.
+    """
+
+    def __init__(self, finished: list[ConfigResult], total: int) -> None:
+        super().__init__(f"interrupted after {len(finished)} of {total} configurations")
+        self.finished = finished
+        self.total = total
 
 
 # --------------------------------------------------------------------------- collectives
@@ -124,6 +155,13 @@ class ConfigResult:
         direction: "+" / "-" / ``None``, how the robustness score reads the metric.
         extra: means of the attack's other metrics (``sp_rank``, ``sp_rank_clean`` for QA).
         hparams: the attack's resolved configuration (alpha, steps, xi, G, ...).
+        invalid: why the numbers of this configuration must not be used (non-finite embeddings,
+            losses or metric values), or ``None`` when it is valid. An invalid result never
+            enters the robustness score: the score becomes ``None``.
+        diagnostics: counts over the T samples of the :data:`DIAGNOSTIC_KEYS` events
+            (``None`` where the attack's optimizer does not report them) and the fraction of
+            samples whose first-step gradient was zero or non-finite.
+        spec_index: the suite entry the configuration comes from (keys resumed results).
     """
 
     attack: str
@@ -139,11 +177,50 @@ class ConfigResult:
     direction: str | None = None
     extra: Mapping[str, float | None] = field(default_factory=dict)
     hparams: Mapping[str, Any] = field(default_factory=dict)
+    invalid: str | None = None
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    spec_index: int | None = None
 
     @property
     def label(self) -> str:
         size = f" {self.size_key}={self.size}" if self.size_key else ""
         return f"{self.attack} eps={self.eps:g}{size}"
+
+    @property
+    def key(self) -> tuple[int | None, str, float, int | None]:
+        """``(spec_index, attack, eps, size)``: identifies the configuration within a suite."""
+        return (self.spec_index, self.attack, self.eps, self.size)
+
+
+def _config_key(config: AttackConfig) -> tuple[int | None, str, float, int | None]:
+    return (config.spec_index, config.attack, config.eps, config.size)
+
+
+@dataclass(frozen=True)
+class SanityCheck:
+    """One large-budget configuration that must nearly always succeed (see :class:`attacks.suite.SanitySettings`).
+
+    An attack that cannot reach its goal even without a meaningful budget signals a broken
+    attack or gradient masking (Carlini et al., "On Evaluating Adversarial Robustness", 2019).
+
+    Attributes:
+        result: the reduced result of the large-budget configuration.
+        threshold: the mean normalized rank the attack must reach ("+": at most, "-": at least).
+        passed: whether it did (``False`` also when the result is invalid).
+    """
+
+    result: ConfigResult
+    threshold: float
+    passed: bool
+
+    @property
+    def message(self) -> str:
+        r = self.result
+        goal = f"<= {self.threshold:g}" if r.direction == "+" else f">= {self.threshold:g}"
+        if r.invalid:
+            return f"sanity check {r.label} is invalid ({r.invalid})"
+        return (f"sanity check failed: {r.label} reached a mean rank of {r.mean:.1f}% (needs {goal}%): "
+                "the attack cannot succeed even with an unbounded budget (broken attack or gradient masking)")
 
 
 @dataclass(frozen=True)
@@ -189,6 +266,9 @@ class RobustnessResults:
     clean: dict[str, float] | None = None
     examples: dict[str, AttackExample] = field(default_factory=dict)
     gallery: Gallery | None = None
+    sanity: list[SanityCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    invalid: str | None = None
 
     def find(self, attack: str, eps: float, size: int | None = None) -> ConfigResult:
         """The result of one configuration (``KeyError`` if it was not run)."""
@@ -288,6 +368,8 @@ class RobustnessEvaluator:
         on_result: Callable[[ConfigResult], None] | None = None,
         query_set: Dataset | None = None,
         database_set: Dataset | None = None,
+        completed: Iterable[ConfigResult] = (),
+        should_stop: Callable[[], bool] | None = None,
     ) -> RobustnessResults:
         """Evaluate ``model`` on the gallery ``dataset`` (items ``(image, label, index)``).
 
@@ -304,6 +386,14 @@ class RobustnessEvaluator:
             on_result: called on rank 0 after each configuration (e.g. partial reports).
             query_set, database_set: the query / database split (``datamodule.query_set`` /
                 ``database_set`` with ``protocol="query_database"``).
+            completed: results of an earlier, interrupted run of the same suite on the same
+                model (a partial report): these configurations are not run again.
+            should_stop: polled before every attack batch (and gallery batch); when it returns
+                ``True`` on any rank, every rank stops and :class:`EvaluationInterrupted` is raised.
+
+        Raises:
+            InvalidInputError: a gallery / query image is NaN / inf or outside ``[0, 1]``.
+            EvaluationInterrupted: ``should_stop`` asked to stop.
         """
         dist = collectives or Collectives()
         n = len(dataset)  # type: ignore[arg-type]
@@ -312,32 +402,41 @@ class RobustnessEvaluator:
         configs, skipped = self.plan(model, query_database=has_split)
         split_configs = [c for c in configs if self.registry.get(c.attack).protocol == "query_database"]
         configs = [c for c in configs if self.registry.get(c.attack).protocol != "query_database"]
+        sanity_configs = self.sanity_configurations(configs)
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         device = torch.device(device)
+        run = _Run(dist, device, on_result, should_stop,
+                   done={r.key: r for r in completed}, total=len(configs) + len(split_configs))
         started = time.perf_counter()
         # Ordinary tensors even inside Lightning's inference-mode test loop: the attacks
         # differentiate through images and gallery embeddings created here.
         with torch.inference_mode(False), torch.no_grad(), frozen_eval(model):
-            gallery, codes = self._embed_gallery(model, dataset, dist, embed_batch_size, device)
+            gallery, codes = self._embed_gallery(model, dataset, dist, embed_batch_size, device,
+                                                 check_stop=run.check_stop)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             embed_wall = time.perf_counter() - started
+            invalid = _nonfinite_rows(gallery.embeddings, codes, what="gallery embeddings")
             clean = None
-            if self.clean_metrics and dist.is_main:
+            if self.clean_metrics and dist.is_main and invalid is None:
                 clean = self._clean_metrics(model, gallery, codes)
             attacked = self.attacked_indices(n)
-            results, examples = self._run_attacks(
-                model, dataset, gallery, attacked, configs, dist, device, on_result)
+            results, examples = self._run_attacks(model, dataset, gallery, attacked, configs, run, invalid)
+            sanity_results, _ = self._run_attacks(
+                model, dataset, gallery, attacked[: self.suite.sanity.num_samples], sanity_configs, run, invalid,
+                report=False)
             if split_configs:
                 # The database as the retrieval index stores it (hard PQ codes, sign codes ...).
-                database, _ = self._embed_gallery(
-                    model, database_set, dist, embed_batch_size, device, represent=model.encode)
+                database, _ = self._embed_gallery(model, database_set, dist, embed_batch_size, device,
+                                                  represent=model.encode, check_stop=run.check_stop)
+                database_invalid = invalid or _nonfinite_rows(database.embeddings, None, what="database codes")
                 split_results, split_examples = self._run_attacks(
-                    model, query_set, database, self.attacked_indices(len(query_set)), split_configs, dist,
-                    device, on_result, pass_labels=True)
+                    model, query_set, database, self.attacked_indices(len(query_set)), split_configs, run,
+                    database_invalid, pass_labels=True)
                 results += split_results
                 examples.update(split_examples)
+        sanity = [self._sanity_check(r) for r in sanity_results]
         return RobustnessResults(
             suite=self.suite,
             results=results,
@@ -352,7 +451,47 @@ class RobustnessEvaluator:
             clean=clean,
             examples=examples,
             gallery=gallery,
+            sanity=sanity,
+            warnings=_warnings(results, sanity),
+            invalid=invalid,
         )
+
+    # ------------------------------------------------------------------ sanity checks
+    def sanity_configurations(self, configs: list[AttackConfig]) -> list[AttackConfig]:
+        """One large-budget configuration per scored rank attack of the suite (see :class:`SanityCheck`).
+
+        For each attack name with a direction and the ``rank`` metric (CA+/CA-/QA+/QA-), the
+        first suite entry's options at its smallest w / m, with the suite's ``sanity`` eps,
+        steps and alpha and the registry entry's ``sanity_options`` (QA: ``G = 0``, no
+        semantics-preserving term, whose purpose is to hold the attack back). Only attacks that
+        apply to the model (``configs``) are checked.
+        """
+        settings = self.suite.sanity
+        if not settings.enabled:
+            return []
+        out: list[AttackConfig] = []
+        seen: set[str] = set()
+        for config in configs:
+            entry = self.registry.get(config.attack)
+            if config.attack in seen or entry.direction is None or entry.metric != "rank":
+                continue
+            seen.add(config.attack)
+            spec = self.suite.attacks[config.spec_index]
+            options = {k: v for k, v in spec.options.items() if k not in ("steps", "alpha", "random_start")}
+            options.update(steps=settings.steps, alpha=settings.alpha, **entry.sanity_options)
+            size = min(spec.sizes) if spec.sizes else None
+            out.append(AttackConfig(config.spec_index, config.attack, settings.eps, spec.size_key, size, options))
+        return out
+
+    def _sanity_check(self, result: ConfigResult) -> SanityCheck:
+        settings = self.suite.sanity
+        if result.direction == "+":
+            threshold = settings.max_rank_plus
+            passed = result.invalid is None and result.mean <= threshold
+        else:
+            threshold = settings.min_rank_minus
+            passed = result.invalid is None and result.mean >= threshold
+        return SanityCheck(result, threshold, bool(passed))
 
     def _embed_gallery(
         self,
@@ -362,11 +501,14 @@ class RobustnessEvaluator:
         batch_size: int,
         device: torch.device,
         represent: Callable[[Tensor], Tensor] | None = None,
+        check_stop: Callable[[], None] | None = None,
     ) -> tuple[Gallery, Tensor | None]:
         """Embed X once: each rank its padded shard, gathered, de-duplicated, sorted by index.
 
         ``represent`` replaces ``model.embed`` (e.g. ``model.encode`` for a database); the
-        second, ``encode`` pass for the clean metrics is then skipped.
+        second, ``encode`` pass for the clean metrics is then skipped. Every image is checked
+        (finite, in ``[0, 1]``); the verdict is gathered so that every rank raises the same
+        :class:`InvalidInputError`. ``check_stop`` is called before every batch (see :class:`_Run`).
         """
         n = len(dataset)  # type: ignore[arg-type]
         sampler = None
@@ -378,11 +520,15 @@ class RobustnessEvaluator:
         # encode() differs from embed() only for PQ / hashing rankers: skip the second pass otherwise.
         separate_codes = represent is None and self.clean_metrics and _overrides(model, "encode")
         represent = represent or model.embed
-        embeddings, codes, labels, indices = [], [], [], []
+        embeddings, codes, labels, indices, bad_inputs = [], [], [], [], []
         width = min(batch_size, n)
-        for images, batch_labels, batch_indices in loader:
+        for images, batch_labels, batch_indices in loader:  # equal batch counts on every rank (padded sampler)
+            if check_stop is not None:
+                check_stop()
             b = images.shape[0]
-            images = _pad_to(images.to(device), width)  # fixed shapes: see _pad_to
+            images = images.to(device)
+            bad_inputs.append(_bad_images(images))
+            images = _pad_to(images, width)  # fixed shapes: see _pad_to
             embeddings.append(represent(images)[:b])
             if separate_codes:
                 codes.append(model.encode(images)[:b])
@@ -392,7 +538,8 @@ class RobustnessEvaluator:
         gathered_emb = dist.all_gather(torch.cat(embeddings))
         gathered_emb = gathered_emb.reshape(-1, *gathered_emb.shape[2:])
         gathered_lab = dist.all_gather(torch.cat(labels)).reshape(-1)
-        values = [gathered_emb, gathered_lab]
+        gathered_bad = dist.all_gather(torch.cat(bad_inputs)).reshape(-1)
+        values = [gathered_emb, gathered_lab, gathered_bad]
         if separate_codes:
             gathered_codes = dist.all_gather(torch.cat(codes))
             values.append(gathered_codes.reshape(-1, *gathered_codes.shape[2:]))
@@ -400,10 +547,19 @@ class RobustnessEvaluator:
         if unique_idx.numel() != n or not torch.equal(unique_idx.cpu(), torch.arange(n)):
             raise ValueError(
                 f"the gallery dataset must yield each index 0..{n - 1} once (items carry their index)")
-        return Gallery(values[0], values[1]), (values[2] if separate_codes else None)
+        bad = torch.nonzero(values[2]).reshape(-1).tolist()
+        if bad:
+            shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise InvalidInputError(
+                f"{len(bad)} of {n} images are not valid attack inputs (NaN / inf, or outside [0, 1]; "
+                f"normalization belongs inside the model): dataset indices {shown}")
+        return Gallery(values[0], values[1]), (values[3] if separate_codes else None)
 
-    def clean_metrics_of(self, model: nn.Module, gallery: Gallery) -> dict[str, float]:
-        """Clean Recall@1 / mAP / MAP@R of a gathered gallery (ranked by its embeddings)."""
+    def clean_metrics_of(self, model: nn.Module, gallery: Gallery) -> dict[str, float] | None:
+        """Clean Recall@1 / mAP / MAP@R of a gathered gallery (ranked by its embeddings); ``None``
+        when an embedding is NaN / inf (no number would mean anything)."""
+        if _nonfinite_rows(gallery.embeddings, None, what="gallery embeddings") is not None:
+            return None
         with torch.inference_mode(False), torch.no_grad():
             return self._clean_metrics(model, gallery, None)
 
@@ -423,11 +579,14 @@ class RobustnessEvaluator:
         gallery: Gallery,
         attacked: Tensor,
         configs: list[AttackConfig],
-        dist: Collectives,
-        device: torch.device,
-        on_result: Callable[[ConfigResult], None] | None,
+        run: _Run,
+        invalid: str | None,
         pass_labels: bool = False,
+        report: bool = True,
     ) -> tuple[list[ConfigResult], dict[str, AttackExample]]:
+        """Run ``configs`` on the ``attacked`` samples; ``invalid`` (a broken gallery) marks every
+        result invalid without attacking. ``report``: count towards progress / ``on_result``."""
+        dist, device = run.dist, run.device
         local = attacked[dist.rank :: dist.world_size]  # rank r: every W-th attacked sample
         width = math.ceil(attacked.numel() / dist.world_size)  # equal shapes for all_gather
         padded_idx = torch.full((width,), -1, dtype=torch.long)
@@ -437,30 +596,54 @@ class RobustnessEvaluator:
         order = torch.argsort(gathered_idx[valid])  # reduce in sample-index order, whatever W
         batch_size = self.suite.batch_size
         width_b = min(batch_size, attacked.numel())  # every attack call has this many instances
-        num_batches = math.ceil(local.numel() / batch_size)
+        # The same number of batch slots on every rank (a rank may have one sample fewer), so that
+        # the per-batch stop vote is a collective every rank joins.
+        num_batches = math.ceil(width / batch_size)
         example_positions = self._example_positions(configs)
 
         results: list[ConfigResult] = []
         examples: dict[str, AttackExample] = {}
-        bar = tqdm(total=len(configs) * max(num_batches, 1), desc="robustness", unit="batch", leave=False,
-                   disable=not (self.progress and dist.is_main), dynamic_ncols=True)
+        todo = [c for c in configs if not (report and _config_key(c) in run.done)]
+        bar = tqdm(total=len(todo) * max(num_batches, 1), desc="robustness" if report else "sanity checks",
+                   unit="batch", leave=False, disable=not (self.progress and dist.is_main), dynamic_ncols=True)
         try:
             for position, config in enumerate(configs):
+                if report and _config_key(config) in run.done:  # resumed from a partial report
+                    results.append(run.done[_config_key(config)])
+                    run.finished.append(results[-1])
+                    continue
                 entry = self.registry.get(config.attack)
                 attack = entry.build(config.eps, config.size, self.suite.seed, **config.options)
+                if invalid is not None:
+                    results.append(_invalid_result(entry, config, attack.hparams, invalid))
+                    continue
                 bar.set_postfix_str(config.label)
-                keep = self.keep_examples if (dist.is_main and position in example_positions) else 0
+                keep = self.keep_examples if (dist.is_main and position in example_positions and report) else 0
                 start = time.perf_counter()
-                values = {key: [] for key in entry.metrics}
-                for images, labels, indices in self._batches(dataset, local, batch_size):
+                keys = (*entry.metrics, *DIAGNOSTIC_KEYS)
+                values: dict[str, list[Tensor]] = {key: [] for key in keys}
+                batches = self._batches(dataset, local, batch_size)
+                for _ in range(num_batches):
+                    run.check_stop()
+                    batch = next(batches, None)
+                    if batch is None:  # this rank has one sample fewer: only the vote above
+                        continue
+                    images, labels, indices = batch
                     b = images.shape[0]
                     kwargs = {"query_labels": _pad_to(labels.to(device), width_b)} if pass_labels else {}
-                    out = attack(model, gallery, _pad_to(images.to(device), width_b),
-                                 _pad_to(indices.to(device), width_b), **kwargs)
-                    for key in entry.metrics:
+                    padded = _pad_to(images.to(device), width_b)
+                    with record_gradient_diagnostics() as gradients:
+                        out = attack(model, gallery, padded, _pad_to(indices.to(device), width_b), **kwargs)
+                    observed = {
+                        "nonfinite_embedding": _nonfinite_outputs(model, padded, out.adversarial),
+                        "nonfinite_loss": gradients.nonfinite_loss,
+                        "zero_grad": gradients.zero_grad,
+                        "nonfinite_grad": gradients.nonfinite_grad,
+                    }
+                    for key in keys:
                         # A metric the attack does not produce on this model (e.g. SDC AP on a
                         # ranker without codebooks) is reported as missing (NaN), not a crash.
-                        value = out.metrics.get(key)
+                        value = out.metrics.get(key) if key in entry.metrics else observed[key]
                         value = torch.full((b,), math.nan, device=device) if value is None else value[:b]
                         values[key].append(value.detach().to(torch.float64))
                     if keep and config.attack not in examples:
@@ -475,11 +658,12 @@ class RobustnessEvaluator:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 wall = time.perf_counter() - start
-                result = self._reduce(
-                    entry, config, attack.hparams, values, width, dist, device, valid, order, wall)
+                result = self._reduce(entry, config, attack.hparams, values, width, run, valid, order, wall)
                 results.append(result)
-                if on_result is not None and dist.is_main:
-                    on_result(result)
+                if report and run.on_result is not None and dist.is_main:
+                    run.on_result(result)
+                if report:
+                    run.finished.append(result)
         finally:
             bar.close()
         return results, examples
@@ -511,14 +695,14 @@ class RobustnessEvaluator:
         hparams: Mapping[str, Any],
         values: dict[str, list[Tensor]],
         width: int,
-        dist: Collectives,
-        device: torch.device,
+        run: _Run,
         valid: Tensor,
         order: Tensor,
         wall: float,
     ) -> ConfigResult:
         """Gather one configuration's per-sample values from every rank and reduce them."""
-        keys = list(entry.metrics)
+        dist, device = run.dist, run.device
+        keys = list(values)
         local = torch.full((len(keys), width), math.nan, dtype=torch.float64, device=device)
         for row, key in enumerate(keys):
             if values[key]:
@@ -531,8 +715,11 @@ class RobustnessEvaluator:
         main = stats[entry.metric]
         count = int(main.numel())
         std = float(main.std(unbiased=True)) if count > 1 else 0.0
-        extra = {key: _nanmean(stats[key]) for key in keys if key not in (entry.metric, entry.clean_metric)}
+        metric_keys = [k for k in entry.metrics if k not in (entry.metric, entry.clean_metric)]
+        extra = {key: _nanmean(stats[key]) for key in metric_keys}
         resolved = {k: v for k, v in hparams.items() if k not in ("attack", "eps", "w", "m")}
+        diagnostics = _diagnostics(stats, count)
+        checked = [entry.metric] + ([entry.clean_metric] if entry.direction and entry.clean_metric else [])
         return ConfigResult(
             attack=config.attack,
             eps=config.eps,
@@ -547,7 +734,116 @@ class RobustnessEvaluator:
             direction=entry.direction,
             extra=extra,
             hparams=resolved,
+            invalid=_invalid_reason(diagnostics, {k: stats[k] for k in checked if k in stats}, count),
+            diagnostics=diagnostics,
+            spec_index=config.spec_index,
         )
+
+
+@dataclass
+class _Run:
+    """The state one :meth:`RobustnessEvaluator.run` threads through its phases."""
+
+    dist: Collectives
+    device: torch.device
+    on_result: Callable[[ConfigResult], None] | None
+    should_stop: Callable[[], bool] | None
+    done: dict[tuple[int | None, str, float, int | None], ConfigResult]
+    total: int
+    finished: list[ConfigResult] = field(default_factory=list)  # in suite order, resumed ones included
+
+    def check_stop(self) -> None:
+        """Raise :class:`EvaluationInterrupted` when a stop was asked for on any rank (a collective
+        under DDP: every rank calls it the same number of times)."""
+        if self.should_stop is None:
+            return
+        stop = bool(self.should_stop())
+        if self.dist.world_size > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64, device=self.device)
+            stop = bool(self.dist.all_gather(flag).amax() > 0)
+        if stop:
+            raise EvaluationInterrupted(list(self.finished), self.total)
+
+
+def _bad_images(images: Tensor) -> Tensor:
+    """Per image: 1 if it has a NaN / inf pixel or one outside ``[0, 1]``, else 0 (float64, for gathering)."""
+    flat = images.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    in_range = ((flat >= 0) & (flat <= 1)).all(dim=1)  # False for NaN too
+    return (~(finite & in_range)).to(torch.float64)
+
+
+def _nonfinite_rows(embeddings: Tensor, codes: Tensor | None, what: str) -> str | None:
+    """``"k of N gallery embeddings are NaN / inf"`` or ``None`` when every row is finite."""
+    bad = ~torch.isfinite(embeddings.flatten(1).float()).all(dim=1)
+    if codes is not None and codes.is_floating_point():
+        bad |= ~torch.isfinite(codes.flatten(1)).all(dim=1)
+    count = int(bad.sum())
+    return f"{count} of {bad.numel()} {what} are NaN / inf" if count else None
+
+
+def _nonfinite_outputs(model: nn.Module, images: Tensor, adversarial: Tensor) -> Tensor:
+    """Per instance: the adversarial image, or the clean or adversarial embedding, has a NaN / inf.
+
+    One extra forward of the clean and adversarial batch (``embed``, no grad): small beside the
+    attack's ``steps`` forward + backward passes, and it is what keeps a NaN from scoring.
+    """
+    b = images.shape[0]
+    with torch.no_grad():
+        emb = model.embed(torch.cat([images, adversarial.detach()])).flatten(1)
+    finite = torch.isfinite(emb).all(dim=1)
+    ok = finite[:b] & finite[b:] & torch.isfinite(adversarial.detach().flatten(1)).all(dim=1)
+    return ~ok
+
+
+def _diagnostics(stats: Mapping[str, Tensor], count: int) -> dict[str, Any]:
+    """Counts of the :data:`DIAGNOSTIC_KEYS` events over the T samples (``None``: not recorded)."""
+    out: dict[str, Any] = {}
+    for key in DIAGNOSTIC_KEYS:
+        v = stats.get(key)
+        recorded = v is not None and count > 0 and not bool(torch.isnan(v).all())
+        out[key] = int(torch.nansum(v)) if recorded else None
+    if out["zero_grad"] is not None and count:
+        both = torch.nan_to_num(stats["zero_grad"]).bool() | torch.nan_to_num(stats["nonfinite_grad"]).bool()
+        out["zero_or_nonfinite_grad_fraction"] = float(both.double().mean())
+    else:
+        out["zero_or_nonfinite_grad_fraction"] = None
+    return out
+
+
+def _invalid_reason(diagnostics: Mapping[str, Any], checked: Mapping[str, Tensor], count: int) -> str | None:
+    """Why a configuration's numbers must not be used, or ``None``."""
+    reasons = []
+    if diagnostics.get("nonfinite_embedding"):
+        reasons.append(f"{diagnostics['nonfinite_embedding']} of {count} clean / adversarial embeddings are NaN / inf")
+    if diagnostics.get("nonfinite_loss"):
+        reasons.append(f"the attack loss was NaN / inf for {diagnostics['nonfinite_loss']} of {count} samples")
+    for key, v in checked.items():
+        nan = int(torch.isnan(v).sum())
+        if nan:
+            reasons.append(f"{nan} of {count} '{key}' values are NaN")
+    if count == 0:
+        reasons.append("no sample was attacked")
+    return "; ".join(reasons) or None
+
+
+def _invalid_result(entry: AttackEntry, config: AttackConfig, hparams: Mapping[str, Any], reason: str) -> ConfigResult:
+    """The result of a configuration that was not run because its inputs are broken."""
+    resolved = {k: v for k, v in hparams.items() if k not in ("attack", "eps", "w", "m")}
+    return ConfigResult(attack=config.attack, eps=config.eps, size_key=config.size_key, size=config.size,
+                        metric=entry.metric, mean=math.nan, std=math.nan, count=0, wall_s=0.0, clean=None,
+                        direction=entry.direction, hparams=resolved, invalid=reason, spec_index=config.spec_index)
+
+
+def _warnings(results: list[ConfigResult], sanity: list[SanityCheck]) -> list[str]:
+    """Failed sanity checks and configurations whose first-step gradients were mostly zero / non-finite."""
+    out = [check.message for check in sanity if not check.passed]
+    for r in [*results, *(check.result for check in sanity)]:
+        fraction = r.diagnostics.get("zero_or_nonfinite_grad_fraction")
+        if fraction is not None and fraction > ZERO_GRADIENT_WARNING:
+            out.append(f"{r.label}: the input gradient was zero or NaN / inf at the first step for "
+                       f"{100 * fraction:.0f}% of the samples (gradient masking or a broken loss?)")
+    return out
 
 
 def _pad_to(batch: Tensor, size: int) -> Tensor:

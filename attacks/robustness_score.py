@@ -16,6 +16,11 @@ number of its configurations. Results at eps = 0 (no attack, s = 1 by constructi
 attacks without a direction (ES: an embedding shift has no natural upper bound for
 non-normalized Euclidean embeddings) are left out.
 
+Trust: a result whose numbers are not finite (a NaN / inf embedding, loss or metric value; see
+``ConfigResult.invalid``) never becomes a term. If any scored result is invalid the score is
+``None`` and :attr:`RobustnessScore.invalid` says why: a model that produces NaNs must not look
+robust because its ranks came out as 0 or were dropped.
+
 Relation to RobRank's ERS (Zhou et al., "Adversarial Attack and Defense in Deep Ranking",
 2021): ERS averages ten terms in [0, 100]; its CA+ / QA+ terms are ``2 R_adv`` and its CA- /
 QA- terms ``100 - R_adv``, i.e. the formulas above with R_clean fixed to 50% and 0%. On the
@@ -51,11 +56,13 @@ class RobustnessScore:
             suite, or every scored attack skipped as not applicable).
         per_attack: mean term per attack type, e.g. ``{"CA+": 0.21, "CA-": 0.64, ...}``.
         num_terms: how many results entered the score.
+        invalid: why there is no score although scored attacks ran (invalid results), else ``None``.
     """
 
     value: float | None
     per_attack: dict[str, float] = field(default_factory=dict)
     num_terms: int = 0
+    invalid: str | None = None
 
     @staticmethod
     def term(direction: str, adversarial: float, clean: float) -> float:
@@ -74,12 +81,25 @@ class RobustnessScore:
     def from_results(cls, results: Iterable[_ScoredResult]) -> RobustnessScore:
         """Score reduced results (objects with ``attack``, ``eps``, ``mean``, ``clean``, ``direction``)."""
         terms: dict[str, list[float]] = {}
+        invalid: list[str] = []
         for result in results:
-            if result.direction not in ("+", "-") or result.eps == 0 or result.clean is None:
+            if result.direction not in ("+", "-") or result.eps == 0:
                 continue
-            if math.isnan(result.mean) or math.isnan(result.clean):
+            reason = getattr(result, "invalid", None)
+            if reason is None and not (_finite(result.mean) and _finite(result.clean)):
+                reason = "its mean or clean rank is not a finite number"
+            if reason is not None:
+                label = getattr(result, "label", result.attack)
+                invalid.append(f"{label}: {reason}")
                 continue
             terms.setdefault(result.attack, []).append(cls.term(result.direction, result.mean, result.clean))
+        if invalid:
+            more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
+            return cls(value=None, invalid=f"{len(invalid)} scored configuration(s) invalid: {invalid[0]}{more}")
         per_attack = {attack: sum(values) / len(values) for attack, values in terms.items()}
         value = sum(per_attack.values()) / len(per_attack) if per_attack else None
         return cls(value=value, per_attack=per_attack, num_terms=sum(len(v) for v in terms.values()))
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

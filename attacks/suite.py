@@ -44,9 +44,9 @@ import yaml
 
 from attacks.attack_registry import ATTACKS, UNIVERSAL_ATTACKS, AttackEntry, AttackRegistry, did_you_mean
 
-__all__ = ["AttackConfig", "AttackSpec", "SUITE_KINDS", "Suite", "SuiteError"]
+__all__ = ["AttackConfig", "AttackSpec", "SUITE_KINDS", "SanitySettings", "Suite", "SuiteError"]
 
-TOP_LEVEL_KEYS = ("name", "description", "kind", "num_samples", "seed", "batch_size", "attacks")
+TOP_LEVEL_KEYS = ("name", "description", "kind", "num_samples", "seed", "batch_size", "sanity", "attacks")
 _DEFAULTS = {"description": "", "num_samples": 1000, "seed": 0, "batch_size": 250}
 #: ``kind`` values: per-sample ranking attacks (the engine) or universal perturbations (eval.py).
 SUITE_KINDS: tuple[str, ...] = ("ranking", "universal")
@@ -63,6 +63,67 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SanitySettings:
+    """The large-budget sanity checks of a ranking suite (the ``sanity:`` key).
+
+    For every scored rank attack of the suite (CA+, CA-, QA+, QA-) the engine runs one extra
+    configuration at budget ``eps`` (default 1.0: the whole pixel range, i.e. no real bound)
+    on the first ``num_samples`` attacked samples, with ``steps`` PGD steps of size ``alpha``.
+    An attack that works must then nearly always succeed: "+" attacks must bring the mean
+    normalized rank to at most ``max_rank_plus`` percent, "-" attacks to at least
+    ``min_rank_minus`` percent. A failure is a warning at the top of the report: a broken
+    attack or gradient masking (Carlini et al., "On Evaluating Adversarial Robustness", 2019).
+    The results are kept apart from the tables and never enter the robustness score.
+
+    YAML: ``sanity: false`` switches the checks off; ``sanity: {eps: 1.0, steps: 50, ...}``
+    overrides single fields. The defaults (100 steps of 0.01, 50 samples) were chosen on a
+    vanilla model where 30 steps or larger steps left CA+ short of 5% (sign steps oscillate).
+    """
+
+    enabled: bool = True
+    eps: float = 1.0
+    steps: int = 100
+    alpha: float = 0.01
+    num_samples: int = 50
+    max_rank_plus: float = 5.0
+    min_rank_minus: float = 90.0
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> SanitySettings:
+        """From the suite's ``sanity`` value (bool, mapping or absent); one-line :class:`SuiteError`."""
+        if value is None or value is True:
+            return cls()
+        if value is False:
+            return cls(enabled=False)
+        if not isinstance(value, Mapping):
+            raise SuiteError(f"{where}: sanity must be true, false or a mapping of "
+                             f"{', '.join(cls.__dataclass_fields__)}, got {value!r}")
+        fields = list(cls.__dataclass_fields__)
+        for key in value:
+            if key not in fields:
+                raise SuiteError(f"{where}: sanity: unknown key {key!r}{did_you_mean(str(key), fields)}; "
+                                 f"allowed keys: {', '.join(fields)}")
+        out = cls(**value)
+        checks = [
+            (isinstance(out.enabled, bool), "enabled must be true or false"),
+            (_is_number(out.eps) and 0 < out.eps <= 1, "eps must be in (0, 1]"),
+            (_is_int(out.steps) and out.steps >= 1, "steps must be an integer >= 1"),
+            (_is_number(out.alpha) and out.alpha > 0, "alpha must be a number > 0"),
+            (_is_int(out.num_samples) and out.num_samples >= 1, "num_samples must be an integer >= 1"),
+            (_is_number(out.max_rank_plus) and 0 <= out.max_rank_plus <= 100, "max_rank_plus must be in [0, 100]"),
+            (_is_number(out.min_rank_minus) and 0 <= out.min_rank_minus <= 100, "min_rank_minus must be in [0, 100]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SuiteError(f"{where}: sanity: {message}, got {value!r}")
+        return replace(out, eps=float(out.eps), alpha=float(out.alpha), max_rank_plus=float(out.max_rank_plus),
+                       min_rank_minus=float(out.min_rank_minus))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -121,6 +182,7 @@ class Suite:
         attacks: the attack specs, in file order (the column order of the tables).
         source: the file the suite came from (``None`` for in-memory suites).
         kind: ``"ranking"`` (per-sample attacks, the default) or ``"universal"``.
+        sanity: the large-budget sanity checks (:class:`SanitySettings`; ranking suites).
     """
 
     name: str
@@ -131,6 +193,7 @@ class Suite:
     batch_size: int = 250
     source: str | None = None
     kind: str = "ranking"
+    sanity: SanitySettings = field(default_factory=SanitySettings)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -193,13 +256,18 @@ class Suite:
         if not isinstance(raw_attacks, list) or not raw_attacks:
             raise fail("attacks must be a non-empty list of attack entries")
         specs = tuple(_parse_spec(raw, i, where, registry) for i, raw in enumerate(raw_attacks))
+        if kind != "ranking" and "sanity" in data:
+            raise fail("sanity checks apply to ranking suites only; remove the 'sanity' key")
+        sanity = SanitySettings.parse(data.get("sanity"), where)
         suite = cls(name=name, attacks=specs, description=values["description"], num_samples=num_samples,
-                    seed=seed, batch_size=batch_size, source=source, kind=kind)
+                    seed=seed, batch_size=batch_size, source=source, kind=kind, sanity=sanity)
         suite._check_options(registry)
         return suite
 
-    def with_overrides(self, num_samples: int | None = None, batch_size: int | None = None) -> Suite:
-        """A copy with ``num_samples`` / ``batch_size`` replaced (``None`` keeps the suite's value)."""
+    def with_overrides(self, num_samples: int | None = None, batch_size: int | None = None,
+                       sanity: bool | None = None) -> Suite:
+        """A copy with ``num_samples`` / ``batch_size`` replaced and the sanity checks switched on / off
+        (``None`` keeps the suite's value)."""
         where = self.source or "<suite>"
         if num_samples is not None and (not _is_int(num_samples) or (num_samples < 1 and num_samples != -1)):
             raise SuiteError(
@@ -210,6 +278,7 @@ class Suite:
             self,
             num_samples=self.num_samples if num_samples is None else num_samples,
             batch_size=self.batch_size if batch_size is None else batch_size,
+            sanity=self.sanity if sanity is None else replace(self.sanity, enabled=bool(sanity)),
         )
 
     # ------------------------------------------------------------------ use
@@ -265,6 +334,7 @@ class Suite:
             "num_samples": self.num_samples,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            **({"sanity": self.sanity.to_dict()} if self.kind == "ranking" else {}),
             "attacks": [spec.to_dict() for spec in self.attacks],
         }
 

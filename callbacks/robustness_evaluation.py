@@ -30,6 +30,7 @@ The suite is parsed (and validated) when the callback is built; the gallery-size
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -75,6 +76,12 @@ class RobustnessEvaluation(pl.Callback):
         progress: tqdm progress bar over the attack batches (rank 0).
         partial_report: if set, a JSON file rewritten (rank 0) after every configuration with
             the results so far -- progress of long runs; ``eval.py`` removes it at the end.
+        partial_meta: extra fields stored in the partial report's ``meta`` (``eval.py``: what
+            identifies the run, so that a resumed run can check it continues the same one).
+        completed: results of an interrupted earlier run of the same suite and model (read
+            from its partial report): the first evaluation does not run them again.
+        should_stop: polled before every attack batch; ``True`` stops the evaluation with
+            :class:`attacks.robustness_evaluator.EvaluationInterrupted` (``eval.py``: SIGINT / SIGTERM).
 
     Attack names resolve through :data:`attacks.attack_registry.ATTACKS` (register new attack
     families there).
@@ -96,6 +103,9 @@ class RobustnessEvaluation(pl.Callback):
         strip_topk: int = 8,
         progress: bool = True,
         partial_report: str | None = None,
+        partial_meta: dict | None = None,
+        completed: Sequence[ConfigResult] = (),
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -118,6 +128,9 @@ class RobustnessEvaluation(pl.Callback):
         self.strip_queries = strip_queries
         self.strip_topk = strip_topk
         self.partial_report = Path(partial_report) if partial_report else None
+        self.partial_meta = dict(partial_meta or {})
+        self.completed = list(completed)
+        self.should_stop = should_stop
         self.last_results: RobustnessResults | None = None
         self.history: list[tuple[str, int]] = []
         self._pending: str | None = None  # stage whose report waits for the clean metrics
@@ -157,8 +170,12 @@ class RobustnessEvaluation(pl.Callback):
         def on_result(result: ConfigResult) -> None:
             finished.append(result)
             if self.partial_report is not None:
-                meta = {"stage": stage, "epoch": trainer.current_epoch}
-                write_atomic(self.partial_report, Report.partial_json(self.suite, finished, meta))
+                meta = {**self.partial_meta, "stage": stage, "epoch": trainer.current_epoch}
+                # Resumed results first, in suite order with the new ones (the engine's order).
+                done = [r for r in completed if r.key not in {f.key for f in finished}] + finished
+                write_atomic(self.partial_report, Report.partial_json(self.suite, done, meta))
+
+        completed, self.completed = self.completed, []  # resumed once, by the first evaluation
 
         datamodule = trainer.datamodule
         # Query / database attacks (PQ-AG, SDHA ...) run when the data has that split.
@@ -171,6 +188,8 @@ class RobustnessEvaluation(pl.Callback):
             on_result=on_result,
             query_set=getattr(datamodule, "query_set", None) if split else None,
             database_set=getattr(datamodule, "database_set", None) if split else None,
+            completed=completed,
+            should_stop=self.should_stop,
         )
         self.last_results = results
         self.history.append((stage, trainer.current_epoch))
@@ -206,6 +225,8 @@ class RobustnessEvaluation(pl.Callback):
         """``robust/<attack>/eps=<e>/<w|m>=<k>`` -> mean metric, and ``robust/score``."""
         out: dict[str, float] = {}
         for r in results.results:
+            if r.invalid:  # no number to plot: the report says why
+                continue
             key = f"robust/{r.attack}/eps={r.eps:g}"
             if r.size_key is not None:
                 key += f"/{r.size_key}={r.size}"

@@ -50,10 +50,11 @@ def merge_reports(label: str, paths: list[Path]) -> Report:
     data["sources"] = [str(p) for p in paths]
     score = RobustnessScore.from_results(
         SimpleNamespace(attack=r["attack"], eps=r["eps"], mean=r["mean"], clean=r.get("clean"),
-                        direction=r.get("direction"))
+                        direction=r.get("direction"), invalid=r.get("invalid"))
         for r in data["results"]
     )
     data["robustness_score"], data["score_per_attack"] = score.value, score.per_attack
+    data["score_invalid"] = score.invalid
     return Report(data)
 
 

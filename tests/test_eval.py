@@ -88,7 +88,7 @@ def strip_timing(report: dict) -> dict:
 def test_eval_writes_json_and_markdown(tiny_run, capsys):
     (report,) = run_eval(["--ckpt", str(tiny_run["ckpt"]), "--suite", str(tiny_run["suite"])])
     out_dir = tiny_run["run"] / "robustness"
-    stem = tiny_run["ckpt"].stem
+    stem = f"{tiny_run['ckpt'].stem}.eval-test"  # reports are named after the checkpoint and the suite
     data = json.loads((out_dir / f"{stem}.json").read_text())
     assert data == json.loads(report.to_json())
     assert data["checkpoint"] == str(tiny_run["ckpt"]) and data["suite"]["name"] == "eval-test"
@@ -109,7 +109,7 @@ def test_data_config_and_output_dir(tiny_run, tmp_path):
     run_eval(["--ckpt", str(lone), "--suite", str(tiny_run["suite"]), "--data-config",
               str(tiny_run["run"] / "config.yaml"), "--output-dir", str(tmp_path / "out"), "--num-samples", "5",
               "--batch-size", "5"])
-    data = json.loads((tmp_path / "out" / "lone.json").read_text())
+    data = json.loads((tmp_path / "out" / "lone.eval-test.json").read_text())
     assert data["num_samples"] == 5 and data["suite"]["batch_size"] == 5
 
 
@@ -176,7 +176,7 @@ def test_argument_errors_are_one_line_and_exit_2(tiny_run, tmp_path, capsys, mon
 def test_interrupted_run_keeps_the_finished_report(tiny_run, tmp_path, monkeypatch):
     args = ["--ckpt", str(tiny_run["ckpt"]), "--suite", str(tiny_run["suite"]), "--output-dir", str(tmp_path)]
     run_eval(args)
-    stem = tiny_run["ckpt"].stem
+    stem = f"{tiny_run['ckpt'].stem}.eval-test"
     finished = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(finished) == {f"{stem}.json", f"{stem}.md"}
 
@@ -191,7 +191,7 @@ def test_interrupted_run_keeps_the_finished_report(tiny_run, tmp_path, monkeypat
 
     monkeypatch.setattr(RobustnessEvaluator, "_reduce", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_eval(args)
+        run_eval([*args, "--overwrite"])  # without it the finished report is reused, nothing recomputed
     for name, content in finished.items():
         assert (tmp_path / name).read_bytes() == content, f"{name} was overwritten by a partial run"
     partial = json.loads((tmp_path / f"{stem}.partial.json").read_text())
@@ -214,6 +214,6 @@ def test_ddp_two_processes_give_the_single_process_numbers(tiny_run, tmp_path):
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        reports[devices] = json.loads((out / f"{tiny_run['ckpt'].stem}.json").read_text())
+        reports[devices] = json.loads((out / f"{tiny_run['ckpt'].stem}.eval-test.json").read_text())
     assert reports[2]["world_size"] == 2 and reports[1]["world_size"] == 1
     assert strip_timing(reports[2]) == strip_timing(reports[1])
