@@ -19,6 +19,7 @@ The class wrapper :class:`RetrievalMetrics` (a ``torchmetrics.Metric``) lives in
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -366,12 +367,22 @@ def evaluate_retrieval(
     Returns a dict with keys ``recall@<k>`` for each ``k`` in ``recall_ks``, ``map``, ``map@r``
     and ``nmi`` (k-means NMI of the gallery codes vs the gallery labels; omitted when
     ``nmi=False`` or when the codes are not floating point, e.g. PQ or packed binary codes).
+
+    If a floating-point code is NaN / inf, every value is NaN (with a warning): a ranking of NaN
+    distances would still produce numbers, and they would mean nothing.
     """
     ks = _check_ks(recall_ks)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     num_q, num_n = query_codes.shape[0], gallery_codes.shape[0]
     _check_inputs(num_q, num_n, query_labels, gallery_labels, exclude_self)
+    bad = sum(int((~torch.isfinite(c.flatten(1))).any(dim=1).sum()) for c in (query_codes, gallery_codes)
+              if c.is_floating_point())
+    if bad:
+        warnings.warn(f"{bad} query / gallery codes are NaN / inf: every retrieval metric is NaN", stacklevel=2)
+        keys = [f"recall@{k}" for k in ks] + ["map", "map@r"]
+        keys += ["nmi"] if nmi and gallery_codes.is_floating_point() else []
+        return {key: math.nan for key in keys}
 
     def chunks() -> Iterable[tuple[int, Tensor]]:
         for start in range(0, num_q, chunk_size):
