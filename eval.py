@@ -46,6 +46,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -227,21 +228,20 @@ def load_ranker(ckpt: Path, model_section: dict[str, Any] | None, where: str) ->
     :func:`lightning_modules.load_ranker` first (the model config recorded in the checkpoint
     by ``train.py``); if the checkpoint's hyper-parameters cannot rebuild the model (e.g. a
     checkpoint written before they recorded the backbone), the run config's ``model`` section
-    is instantiated and the checkpoint's state dict loaded into it (strictly).
+    is instantiated and the checkpoint's state dict loaded into it (strictly). The file is read
+    once, with ``lightning_modules.load_checkpoint`` (nothing in it can run code); a checkpoint that
+    needs code to load, or names classes outside the project's allow-lists, is refused.
     """
-    import torch
+    from lightning_modules import Ranker, UnsafeCheckpointError, load_checkpoint, ranker_from_checkpoint
 
-    from lightning_modules import Ranker
-    from lightning_modules import load_ranker as load_recorded_ranker
-
+    checkpoint: dict[str, Any] = {}
     try:
-        model = load_recorded_ranker(str(ckpt), map_location="cpu")
-    except Exception as first:  # noqa: BLE001 - any failure falls back to the run config
-        try:
-            checkpoint = torch.load(str(ckpt), map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001
-            raise EvalError(f"{ckpt} is not a checkpoint ({_one_line(err)[:200]})") from None
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        checkpoint = load_checkpoint(ckpt, map_location="cpu")
+        model = ranker_from_checkpoint(checkpoint, str(ckpt))
+    except (UnsafeCheckpointError, FileNotFoundError) as err:  # refused: no fallback
+        raise EvalError(_one_line(err)) from None
+    except Exception as first:  # noqa: BLE001 - any other failure falls back to the run config
+        if "state_dict" not in checkpoint:
             raise EvalError(f"{ckpt} is not a Lightning checkpoint of a Ranker (no state_dict)") from None
         if model_section is None:
             raise EvalError(f"cannot load a Ranker from {ckpt} ({_one_line(first)[:120]}...) and there is no "
@@ -319,16 +319,30 @@ def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
 
 
 def check_writable(directory: Path) -> None:
-    """Fail now (one line) if reports cannot be written to ``directory``, not after hours of attacks."""
+    """Fail now (one line) if reports cannot be written to ``directory``, not after hours of attacks.
+
+    Nothing is left behind: an existing folder gets a temporary file created and removed; a missing
+    one is checked through its nearest existing ancestor (it is created only when reports are written).
+    """
     import tempfile
 
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise EvalError(f"cannot write reports to {directory} ({_one_line(err)[:160]}); "
-                        "choose another --output-dir") from None
+    def refuse(reason: str) -> NoReturn:
+        raise EvalError(f"cannot write reports to {directory} ({reason}); choose another --output-dir")
+
+    if directory.is_dir():
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            refuse(_one_line(err)[:160])
+        return
+    ancestor = directory
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        refuse(f"{ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        refuse(f"{ancestor} is not writable")
 
 
 def check_applicable(ckpt: Path, model: Any, datamodule: Any, suite: Any) -> None:
@@ -482,6 +496,31 @@ def _common_meta(suite: Any, args: argparse.Namespace, device: Any) -> dict[str,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def _check_images(images: Any, where: Any) -> None:
+    """Refuse (one line, exit 2) images that are NaN / inf or outside [0, 1] before any attack."""
+    import torch
+
+    flat = images.flatten(1)
+    bad = torch.nonzero(~(torch.isfinite(flat) & (flat >= 0) & (flat <= 1)).all(dim=1)).reshape(-1).tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        print(f"{PROG}: error: {where}: {len(bad)} of {len(flat)} images are not valid attack inputs "
+              f"(NaN / inf, or outside [0, 1]): indices {shown}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _check_embeddings(galleries: dict[str, Any]) -> None:
+    """No universal / transfer report from a model whose embedding of X is NaN / inf (exit 3, one line)."""
+    import torch
+
+    for name, gallery in galleries.items():
+        bad = int((~torch.isfinite(gallery.embeddings.flatten(1))).any(dim=1).sum())
+        if bad:
+            print(f"{PROG}: error: {name}: {bad} of {len(gallery)} gallery embeddings are NaN / inf; "
+                  "no report can be computed from them", file=sys.stderr)
+            raise SystemExit(EXIT_INVALID)
+
+
 def clean_metrics(model: Any, gallery: Any) -> dict[str, float]:
     """Clean Recall@1 / mAP / MAP@R of X against itself (self excluded), as the robustness reports give them."""
     import torch
@@ -568,7 +607,9 @@ def evaluate_universal(job: _Job, suite: Any, args: argparse.Namespace) -> dict[
     model = job.model.to(device)
     images, labels = gallery_tensors(job.datamodule)
     images, labels = images.to(device), labels.to(device)
+    _check_images(images, job.ckpt)
     gallery = Gallery(embed_all(model, images, suite.batch_size), labels)
+    _check_embeddings({str(job.ckpt): gallery})
     clean = clean_metrics(model, gallery)
     embed_wall = time.perf_counter() - start
     n = images.shape[0]
@@ -577,8 +618,11 @@ def evaluate_universal(job: _Job, suite: Any, args: argparse.Namespace) -> dict[
     writer = SummaryWriter(str(tb_dir))
     results: list[dict[str, Any]] = []
     perturbations: dict[str, Any] = {}
+    total = len(list(suite.configurations()))
     try:
         for config in suite.configurations():
+            if _STOP_SIGNAL[0] is not None:  # between configurations: a universal fit is not resumable
+                _exit_interrupted(len(results), total, None)
             attack = UNIVERSAL_ATTACKS.get(config.attack).build(config.eps, config.size, suite.seed,
                                                                 batch_size=suite.batch_size, **config.options)
             label = _config_label(config)
@@ -797,7 +841,9 @@ def evaluate_transfer(plan: _TransferPlan, args: argparse.Namespace) -> dict[str
     images, labels = images.to(device), labels.to(device)
     models = {name: model.to(device) for name, model in plan.models.items()}
     # Each model embeds X once; every attack, source and target reuses it.
+    _check_images(images, "the gallery")
     galleries = {name: Gallery(embed_all(model, images, suite.batch_size), labels) for name, model in models.items()}
+    _check_embeddings({plan.ckpts[name]: gallery for name, gallery in galleries.items()})
     clean = {name: clean_metrics(models[name], gallery) for name, gallery in galleries.items()}
     embed_wall = time.perf_counter() - start
     n = images.shape[0]
@@ -805,7 +851,11 @@ def evaluate_transfer(plan: _TransferPlan, args: argparse.Namespace) -> dict[str
     indices = torch.randperm(n, generator=torch.Generator().manual_seed(suite.seed))[: suite.num_attacked(n)]
     targets = {name: models[name] for name in plan.targets}
     results = []
+    total = len(list(suite.configurations()))
     for config in suite.configurations():
+        if _STOP_SIGNAL[0] is not None:  # between configurations (the partial matrices are on disk)
+            _exit_interrupted(len(results), total, plan.json_path.with_name(f"{plan.json_path.stem}.partial.json")
+                              if results else None)
         attack = ATTACKS.get(config.attack).build(config.eps, config.size, suite.seed, **config.options)
         row: dict[str, Any] = {"attack": config.attack, "eps": config.eps, "hparams": attack.hparams,
                                "matrix": {}, "wall_s": {}}
@@ -877,6 +927,10 @@ def main(argv: list[str] | None = None) -> list[Any]:
     """
     args = build_parser().parse_args(argv)
     _install_signal_handlers()
+    # Not news for the user: Lightning's internal deprecation, and the ranker's own NaN-metrics
+    # warning (the report says which embeddings are NaN, and eval.py's exit status says it too).
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*codes are NaN / inf: every retrieval metric is NaN")
     try:
         if args.source:
             plan = prepare_transfer(args)
@@ -926,10 +980,10 @@ def main(argv: list[str] | None = None) -> list[Any]:
         reports.append(report)
         print(report.to_markdown())
         print(f"wrote {job.json_path} and {job.md_path}\n")
-        warnings = report.data.get("warnings") or []
-        if warnings:
-            more = f" (+{len(warnings) - 1} more, see the report)" if len(warnings) > 1 else ""
-            print(f"{PROG}: warning: {job.ckpt}: {warnings[0]}{more}", file=sys.stderr)
+        flagged = report.data.get("warnings") or []
+        if flagged and report.data.get("robustness_score") is not None:  # else the error line below says it
+            more = f" (+{len(flagged) - 1} more, see the report)" if len(flagged) > 1 else ""
+            print(f"{PROG}: warning: {job.ckpt}: {flagged[0]}{more}", file=sys.stderr)
         if report.data.get("robustness_score") is None and report.data.get("score_invalid"):
             failed.append(f"{job.ckpt}: no robustness score: {report.data['score_invalid']} (report: {job.json_path})")
     if len(reports) > 1:

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks import Gallery, SDHAAttack  # noqa: E402
-from lightning_modules import C2F1, DCHLoss, DCHRanker  # noqa: E402
+from lightning_modules import C2F1, DCHLoss, DCHRanker, UnsafeCheckpointError, load_checkpoint  # noqa: E402
 from retrieval import sign_codes  # noqa: E402
 
 
@@ -54,7 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_model(args: argparse.Namespace) -> DCHRanker:
     if args.ckpt:
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        try:  # weights_only: nothing in the file can run code
+            state = load_checkpoint(args.ckpt)["state_dict"]
+        except (UnsafeCheckpointError, FileNotFoundError) as err:
+            raise SystemExit(f"error: {err}") from None
+        except KeyError:
+            raise SystemExit(f"error: {args.ckpt} holds no state_dict") from None
         bits = state["hash_layer.weight"].shape[0]
         model = DCHRanker(C2F1(embedding_dim=state["hash_layer.weight"].shape[1]), DCHLoss(), hash_bits=bits)
         model.load_state_dict(state)

@@ -15,8 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_modules.checkpoint_io import UnsafeCheckpointError, load_checkpoint
 
 __all__ = ["WarmStart"]
 
@@ -45,10 +46,12 @@ class WarmStart(pl.Callback):
         # would silently overwrite them: refuse the combination instead.
         if trainer.ckpt_path is not None:
             raise ValueError("WarmStart and --ckpt_path both set the weights; use one of them")
-        # weights_only=False: Lightning checkpoints carry hyper-parameters (plain Python objects)
-        # beside the tensors; the file is the user's own checkpoint.
-        loaded = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+        # Read without running anything from the file (weights_only): a payload is refused.
+        try:
+            loaded = load_checkpoint(self.ckpt_path, map_location="cpu")
+        except UnsafeCheckpointError as err:
+            raise ValueError(f"WarmStart: {err}") from None
+        state = loaded.get("state_dict", loaded)
         if not isinstance(state, dict):
             raise ValueError(f"WarmStart: {str(self.ckpt_path)!r} holds no state dict")
         try:

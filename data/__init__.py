@@ -6,6 +6,7 @@ normalisation (models normalise inside, so attack budgets are in pixel units).
 
 from data.cifar10 import CIFAR10DataModule
 from data.class_balanced_batch_sampler import ClassBalancedBatchSampler
+from data.errors import DataConfigError
 from data.fashion_mnist import FASHION_MNIST_DEBIAN_DIR, FashionMNISTDataModule
 from data.idx_format import read_idx_ubyte, write_idx_ubyte
 from data.image_file_dataset import ImageFileDataset
@@ -20,6 +21,7 @@ from data.tensor_image_dataset import TensorImageDataset
 __all__ = [
     "CIFAR10DataModule",
     "ClassBalancedBatchSampler",
+    "DataConfigError",
     "FASHION_MNIST_DEBIAN_DIR",
     "FashionMNISTDataModule",
     "ImageFileDataset",

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.errors import DataConfigError
 from data.mnist_like_datamodule import DEFAULT_DOWNLOAD_ROOT
 from data.retrieval_datamodule import RetrievalDataModule
 from data.tensor_image_dataset import TensorImageDataset
@@ -18,18 +19,61 @@ _TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 _TEST_BATCHES = ["test_batch"]
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names something other than what numpy arrays need."""
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocol 2, for latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"it asks for the codec {encoding!r}, not latin1")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """What a pickle of a dict of numpy arrays, lists, ints and bytes names (any numpy version,
+    any protocol): the array and dtype classes and numpy's array rebuilders."""
+    from numpy._core import multiarray, numeric
+
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                           ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR batches that refuses every class or function but the few numpy needs
+    to rebuild arrays (nothing named in the file is imported or called otherwise)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _allowed_globals().get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"it names {module}.{name}, which loading would have to import or call")
+        return found
+
+
 def _read_pickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(uint8 [N, 3, 32, 32], int64 [N])`` from one pickled batch (keys may be bytes or str)."""
     with path.open("rb") as f:
-        # The official files are pickled dicts of numpy arrays; only load files you trust.
-        batch: dict[Any, Any] = pickle.load(f, encoding="bytes")
+        # The official files are pickled dicts of numpy arrays: nothing else is unpickled.
+        try:
+            batch: dict[Any, Any] = _ArrayUnpickler(f, encoding="bytes").load()
+        except _RefusedGlobal as err:
+            raise DataConfigError(f"{path} is refused: not a plain CIFAR batch ({err}); re-download it") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise DataConfigError(f"{path}: truncated or corrupt CIFAR batch ({reason}); re-download it") from None
+    if not isinstance(batch, dict):
+        raise DataConfigError(f"{path} is not a CIFAR python batch (not a dict); re-download it")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or not ({"labels", "fine_labels"} & batch.keys()):
-        raise ValueError(f"{path} is not a CIFAR python batch (no 'data'/'labels'); re-download it")
+        raise DataConfigError(f"{path} is not a CIFAR python batch (no 'data'/'labels'); re-download it")
     data = np.asarray(batch["data"], dtype=np.uint8)
     labels = np.asarray(batch.get("labels", batch.get("fine_labels")), dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
-        raise ValueError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}")
+        raise DataConfigError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}")
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from data.errors import DataConfigError
+
 
 class ClassBalancedBatchSampler(Sampler[list[int]]):
     """Yields batches of dataset indices with ``P = batch_size // samples_per_class`` distinct classes and
@@ -26,6 +28,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
 
     ``len()`` is the number of batches per epoch on this rank (about ``N / batch_size / W``).
     Call :meth:`set_epoch` before each epoch (Lightning does, through the ``sampler`` attribute).
+
+    A batch larger than the whole dataset, or ``samples_per_class`` larger than every class (so that
+    no class can give m distinct samples), could only be filled by drawing with replacement: that is
+    refused unless ``sample_with_replacement`` asks for it. Invalid settings raise
+    :class:`data.DataConfigError` naming the argument and the fix.
     """
 
     def __init__(
@@ -36,23 +43,16 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
+        sample_with_replacement: bool = False,
     ) -> None:
-        if samples_per_class < 1 or batch_size < 1:
-            raise ValueError(
-                f"batch_size ({batch_size}) and samples_per_class ({samples_per_class}) must be >= 1"
-            )
-        if batch_size % samples_per_class != 0:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be divisible by samples_per_class ({samples_per_class}); "
-                "change one of them"
-            )
+        check_batch_arguments(batch_size, samples_per_class)
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank ({rank}) must be in [0, num_replicas={num_replicas})")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise DataConfigError(f"seed must be >= 0, got {seed}")
         labels_np = torch.as_tensor(labels).cpu().numpy().astype(np.int64, copy=False)
         if labels_np.ndim != 1 or labels_np.size == 0:
-            raise ValueError("labels must be a non-empty 1-D sequence of class ids")
+            raise DataConfigError("the training split is empty: labels must be a non-empty 1-D sequence of class ids")
 
         self.batch_size = batch_size
         self.samples_per_class = samples_per_class
@@ -60,6 +60,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
+        self.sample_with_replacement = sample_with_replacement
         self.epoch = 0
         # Lightning calls `set_epoch` on `dataloader.sampler` and `dataloader.batch_sampler.sampler`, never
         # on the batch sampler itself (lightning_fabric.utilities.data._set_sampler_epoch): be our own
@@ -71,11 +72,23 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self._num_samples = labels_np.size
         num_classes = counts.size
         if num_classes < self.classes_per_batch:
-            raise ValueError(
-                f"a batch needs {self.classes_per_batch} distinct classes (batch_size {batch_size} / "
-                f"samples_per_class {samples_per_class}) but the dataset has only {num_classes}; "
-                "lower batch_size or raise samples_per_class"
+            raise DataConfigError(
+                f"a training batch needs {self.classes_per_batch} distinct classes (batch_size {batch_size} / "
+                f"samples_per_class {samples_per_class}) but the training split has only {num_classes}; "
+                f"lower batch_size to at most {num_classes * samples_per_class} or raise samples_per_class"
             )
+        if not sample_with_replacement:
+            replace_hint = "or set sample_with_replacement=true to draw repeated samples on purpose"
+            if batch_size > labels_np.size:
+                raise DataConfigError(
+                    f"batch_size ({batch_size}) is larger than the training split ({labels_np.size} samples): "
+                    f"lower batch_size to at most {labels_np.size}, {replace_hint}"
+                )
+            if samples_per_class > counts.max():
+                raise DataConfigError(
+                    f"samples_per_class ({samples_per_class}) is larger than every class of the training split "
+                    f"(the largest has {int(counts.max())} samples): lower samples_per_class, {replace_hint}"
+                )
         # Sorting by class once; each epoch only reshuffles within classes.
         self._class_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
         self._groups_per_class = np.maximum(counts // samples_per_class, 1)
@@ -83,7 +96,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         total = self._max_feasible_batches()
         self._batches_per_rank = total // num_replicas
         if self._batches_per_rank == 0:
-            raise ValueError(
+            raise DataConfigError(
                 f"the dataset ({labels_np.size} samples, {num_classes} classes) cannot fill one "
                 f"class-balanced batch of {batch_size} per rank for {num_replicas} rank(s); lower batch_size"
             )
@@ -157,3 +170,22 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             used[chosen] += 1
             remaining[chosen] -= 1
         return schedule
+
+
+def check_batch_arguments(batch_size: int, samples_per_class: int) -> None:
+    """Refuse a ``batch_size`` / ``samples_per_class`` pair no class-balanced batch can have.
+
+    Raises :class:`data.DataConfigError` naming the argument and a valid value.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise DataConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, (int, np.integer)) or samples_per_class < 1:
+        raise DataConfigError(f"samples_per_class must be a positive integer, got {samples_per_class!r}")
+    if batch_size % samples_per_class != 0:
+        lower = batch_size // samples_per_class * samples_per_class
+        choices = f"{lower} or {lower + samples_per_class}" if lower else f"{samples_per_class}"
+        raise DataConfigError(
+            f"batch_size ({batch_size}) must be divisible by samples_per_class ({samples_per_class}), as each "
+            f"training batch holds batch_size / samples_per_class classes: use batch_size {choices}, "
+            "or change samples_per_class"
+        )

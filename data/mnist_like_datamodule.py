@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from data.errors import DataConfigError
 from data.idx_format import read_idx_ubyte
 from data.retrieval_datamodule import RetrievalDataModule
 from data.tensor_image_dataset import TensorImageDataset
@@ -135,7 +136,7 @@ class MNISTLikeDataModule(RetrievalDataModule):
             images = read_idx_ubyte(files[f"{split}_images"])
             labels = read_idx_ubyte(files[f"{split}_labels"])
             if images.ndim != 3 or labels.shape != images.shape[:1]:
-                raise ValueError(
+                raise DataConfigError(
                     f"{files[f'{split}_images']}: expected [N, H, W] images with N labels, got "
                     f"{images.shape} and {labels.shape}; re-download the files"
                 )

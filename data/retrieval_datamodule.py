@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from data.class_balanced_batch_sampler import ClassBalancedBatchSampler
+from data.class_balanced_batch_sampler import ClassBalancedBatchSampler, check_batch_arguments
+from data.errors import DataConfigError
 from data.retrieval_batch import collate_retrieval_batch
 
 
@@ -40,6 +41,12 @@ class RetrievalDataModule(pl.LightningDataModule):
     ``num_classes`` (number of training classes), ``image_shape`` ``(C, H, W)``.
 
     DDP: the loaders shard themselves, so the Trainer must run with ``use_distributed_sampler=False``.
+
+    Settings are checked as early as they can be: the arguments in ``__init__``, what depends on the
+    training split (enough classes and samples for one batch) by :meth:`check_training_batches` once
+    the data is loaded (and again when the training loader is built). Both raise
+    :class:`data.DataConfigError` naming the argument and the fix. A ``batch_size`` larger than the
+    training split is refused unless ``sample_with_replacement`` asks for repeated samples.
     """
 
     # Subclasses that know these without loading data override them (so models can be built before setup);
@@ -58,29 +65,22 @@ class RetrievalDataModule(pl.LightningDataModule):
         num_queries: int = 1000,
         database: Literal["train", "test_rest"] = "train",
         seed: int = 0,
+        sample_with_replacement: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or samples_per_class < 1:
-            raise ValueError(
-                f"batch_size ({batch_size}) and samples_per_class ({samples_per_class}) must be >= 1"
-            )
-        if batch_size % samples_per_class != 0:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be divisible by samples_per_class ({samples_per_class}): "
-                "each training batch holds batch_size / samples_per_class classes"
-            )
+        check_batch_arguments(batch_size, samples_per_class)
         if eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+            raise DataConfigError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise DataConfigError(f"num_workers must be >= 0, got {num_workers}")
         if protocol not in ("gallery", "query_database"):
-            raise ValueError(f"protocol must be 'gallery' or 'query_database', got {protocol!r}")
+            raise DataConfigError(f"protocol must be 'gallery' or 'query_database', got {protocol!r}")
         if database not in ("train", "test_rest"):
-            raise ValueError(f"database must be 'train' or 'test_rest', got {database!r}")
+            raise DataConfigError(f"database must be 'train' or 'test_rest', got {database!r}")
         if num_queries < 1:
-            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
+            raise DataConfigError(f"num_queries must be >= 1, got {num_queries}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise DataConfigError(f"seed must be >= 0, got {seed}")
         self.root = root
         self.batch_size = batch_size
         self.samples_per_class = samples_per_class
@@ -90,6 +90,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         self.num_queries = num_queries
         self.database = database
         self.seed = seed
+        self.sample_with_replacement = sample_with_replacement
 
         self.train_set: Dataset | None = None
         self.eval_set: Dataset | None = None
@@ -109,9 +110,41 @@ class RetrievalDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
-        """Load both splits once (later calls are no-ops) and build the query/database sets."""
-        if self.train_set is not None:
-            return
+        """Load both splits once (later calls are no-ops) and build the query/database sets.
+
+        Whether the training split can fill the batches is checked when the training loader is built,
+        or earlier by :meth:`check_training_batches` (``train.py`` calls it before training starts).
+        """
+        if self.train_set is None:
+            self._load()
+
+    def check_training_batches(self, num_replicas: int | None = None) -> None:
+        """Raise :class:`data.DataConfigError` unless the training split fills this module's batches.
+
+        Call after :meth:`setup`. Builds the batch sampler :meth:`train_dataloader` would (on
+        ``num_replicas`` ranks, by default the attached trainer's): too few classes for
+        ``batch_size / samples_per_class`` per batch, a batch larger than the training split without
+        ``sample_with_replacement``, or too few samples for one batch per rank are refused with the
+        fix in the message.
+        """
+        self._require_setup()
+        world_size, rank = self.distributed_info()
+        if num_replicas is not None:
+            world_size, rank = num_replicas, 0
+        self._train_batch_sampler(world_size, rank)
+
+    def _train_batch_sampler(self, world_size: int, rank: int) -> ClassBalancedBatchSampler:
+        return ClassBalancedBatchSampler(
+            self.train_set.labels,  # type: ignore[union-attr]
+            batch_size=self.batch_size,
+            samples_per_class=self.samples_per_class,
+            num_replicas=world_size,
+            rank=rank,
+            seed=self.seed,
+            sample_with_replacement=self.sample_with_replacement,
+        )
+
+    def _load(self) -> None:
         train_set, test_set = self.load_splits()
         self.train_set, self.eval_set = train_set, test_set
         if self.num_classes is None:
@@ -125,7 +158,7 @@ class RetrievalDataModule(pl.LightningDataModule):
             return
         n_test = len(test_set)
         if self.num_queries > n_test or (self.database == "test_rest" and self.num_queries == n_test):
-            raise ValueError(
+            raise DataConfigError(
                 f"num_queries ({self.num_queries}) must be smaller than the test split ({n_test} images); "
                 "lower --data.num_queries"
             )
@@ -178,7 +211,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         connector = getattr(trainer, "_accelerator_connector", None)
         if world_size > 1 and getattr(connector, "use_distributed_sampler", False):
             # Lightning would wrap our self-sharding samplers in a second DistributedSampler.
-            raise ValueError(
+            raise DataConfigError(
                 f"{type(self).__name__} shards its own dataloaders across ranks: "
                 "set trainer.use_distributed_sampler=false (Trainer(use_distributed_sampler=False))"
             )
@@ -200,15 +233,7 @@ class RetrievalDataModule(pl.LightningDataModule):
         sets the epoch through ``dataloader.batch_sampler.sampler.set_epoch``.
         """
         self._require_setup()
-        world_size, rank = self.distributed_info()
-        sampler = ClassBalancedBatchSampler(
-            self.train_set.labels,  # type: ignore[union-attr]
-            batch_size=self.batch_size,
-            samples_per_class=self.samples_per_class,
-            num_replicas=world_size,
-            rank=rank,
-            seed=self.seed,
-        )
+        sampler = self._train_batch_sampler(*self.distributed_info())
         return DataLoader(
             self.train_set, batch_sampler=sampler, **self._loader_kwargs()  # type: ignore[arg-type]
         )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torchvision import transforms
 
+from data.errors import DataConfigError
 from data.image_file_dataset import ImageFileDataset
 from data.retrieval_datamodule import RetrievalDataModule
 
@@ -40,7 +41,7 @@ class StanfordOnlineProductsDataModule(RetrievalDataModule):
         # follows **kwargs into it, so the CLI still lists them
         super().__init__(samples_per_class=samples_per_class, **kwargs)
         if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+            raise DataConfigError(f"image_size must be >= 1, got {image_size}")
         self.image_size = image_size
         self.augment = augment
         self.image_shape = (3, image_size, image_size)
@@ -89,12 +90,12 @@ class StanfordOnlineProductsDataModule(RetrievalDataModule):
         lines = path.read_text().splitlines()
         header = lines[0].split() if lines else []
         if header[:4] != ["image_id", "class_id", "super_class_id", "path"]:
-            raise ValueError(
+            raise DataConfigError(
                 f"{path}: expected the header 'image_id class_id super_class_id path', got {lines[:1]}"
             )
         rows = [line.split() for line in lines[1:] if line.strip()]
         if not rows or any(len(r) != 4 for r in rows):
-            raise ValueError(
+            raise DataConfigError(
                 f"{path}: expected non-empty rows of 4 columns 'image_id class_id super_class_id path'"
             )
         paths = [path.parent / r[3] for r in rows]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data.errors import DataConfigError
 from data.retrieval_datamodule import RetrievalDataModule
 from data.tensor_image_dataset import TensorImageDataset
 
@@ -36,11 +37,14 @@ class SyntheticDataModule(RetrievalDataModule):
         # follows **kwargs into it, so the CLI still lists them
         super().__init__(batch_size=batch_size, samples_per_class=samples_per_class, num_queries=num_queries, **kwargs)
         if num_classes < 2 or train_per_class < 1 or test_per_class < 1:
-            raise ValueError("need num_classes >= 2 and train_per_class, test_per_class >= 1")
+            raise DataConfigError(
+                f"need num_classes >= 2 and train_per_class, test_per_class >= 1, got {num_classes}, "
+                f"{train_per_class}, {test_per_class}"
+            )
         if len(image_shape) != 3 or min(image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+            raise DataConfigError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
         if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+            raise DataConfigError(f"noise_std must be >= 0, got {noise_std}")
         self.num_classes = num_classes
         self.image_shape = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
         self.train_per_class = train_per_class

@@ -143,27 +143,17 @@ def load_ranker(checkpoint_path: str, map_location: Any = "cpu") -> Ranker:
 
     LightningCLI records the model's ``class_path`` in the checkpoint's hyper-parameters; the
     model is rebuilt from that config by the class itself (``Ranker.load_from_checkpoint`` on the
-    base class would drop it and build a bare ``Ranker``).
+    base class would drop it and build a bare ``Ranker``). Nothing in the file can run code: it is
+    read with ``weights_only=True`` and the recorded classes are checked against the project's
+    allow-lists before any is imported (:mod:`lightning_modules.checkpoint_io`).
 
     Raises:
         FileNotFoundError: no such file.
+        UnsafeCheckpointError: (a ``ValueError``) the file would need to run code to load, names
+            classes outside the allow-lists, or is not a checkpoint at all.
         ValueError: not a Lightning checkpoint of a ranker trained through ``train.py``.
     """
-    import importlib
-    from pathlib import Path
+    from lightning_modules.checkpoint_io import load_checkpoint, ranker_from_checkpoint
 
-    if not Path(checkpoint_path).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    class_path = hparams.get("_class_path") if isinstance(hparams, dict) else None
-    if not class_path:
-        raise ValueError(
-            f"{checkpoint_path} records no model class_path (not trained through train.py?): "
-            "build the model from its config and load the state_dict instead"
-        )
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Ranker)):
-        raise ValueError(f"{checkpoint_path} holds a {class_path}, not a lightning_modules.Ranker")
-    return cls.load_from_checkpoint(checkpoint_path, map_location=map_location)
+    checkpoint = load_checkpoint(checkpoint_path, map_location=map_location)
+    return ranker_from_checkpoint(checkpoint, str(checkpoint_path))

@@ -33,6 +33,7 @@ import torch
 from pq_common import Split, build_model, parse_models, query_database
 
 from attacks import AttackResult, Gallery, PQAGAttack, query_average_precision
+from lightning_modules import UnsafeCheckpointError, load_checkpoint
 from retrieval.topk_metrics import precision_recall_at_cutoffs
 
 VARIANTS = ("basic", "apd", "aod")
@@ -61,6 +62,15 @@ def spec_files(spec: str) -> list[tuple[str, int, int]]:
     path must not reuse adversarial queries crafted on the old one."""
     return [(part, (st := Path(part).stat()).st_size, st.st_mtime_ns) for part in spec.split(":")
             if Path(part).is_file()]
+
+
+def load_cache(cache: Path) -> dict:
+    """A stored ``{"key": ..., "adversarial": tensor}`` cache, read with ``weights_only`` (nothing in
+    the file can run code); a refused or unreadable file ends the script with one line."""
+    try:
+        return load_checkpoint(cache)
+    except UnsafeCheckpointError as err:
+        raise SystemExit(f"error: adversarial cache {err}; delete it to recompute") from None
 
 
 @torch.no_grad()
@@ -129,7 +139,7 @@ def main() -> None:
             cache_key = {"spec": spec, "num_queries": args.num_queries, **attack.hparams, "eps": attack.eps,
                          **({} if args.query_subset is None else {"query_subset": args.query_subset}),
                          "files": spec_files(spec)}
-            stored = torch.load(cache) if cache is not None and cache.is_file() else None
+            stored = load_cache(cache) if cache is not None and cache.is_file() else None
             if stored is not None and stored["key"] == cache_key:
                 results = [replay(model, galleries[label], stored["adversarial"][b], queries.images[b],
                                   queries.labels[b], args.topk) for b in batches]

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data import FashionMNISTDataModule  # noqa: E402
-from lightning_modules import KMeansPQRanker, Ranker  # noqa: E402
+from lightning_modules import KMeansPQRanker, Ranker, UnsafeCheckpointError, load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -55,7 +55,12 @@ def load_ranker(ckpt: str | Path) -> Ranker:
     parser.add_subclass_arguments(Ranker, "model", fail_untyped=False)
     cfg = parser.parse_object({"model": run_config(ckpt)["model"]})
     model = parser.instantiate_classes(cfg).model
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
+    try:  # weights_only: nothing in the file can run code
+        state = load_checkpoint(ckpt)["state_dict"]
+    except UnsafeCheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+    except KeyError:
+        raise SystemExit(f"error: {ckpt} holds no state_dict") from None
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data import RetrievalDataModule, collate_retrieval_batch  # noqa: E402
-from lightning_modules import DCHRanker, Ranker  # noqa: E402
+from lightning_modules import DCHRanker, Ranker, UnsafeCheckpointError, load_checkpoint  # noqa: E402
 
 
 def run_config(ckpt: Path) -> dict[str, Any]:
@@ -45,7 +45,12 @@ def load_run(ckpt: str | Path, data_overrides: dict[str, Any] | None = None) -> 
     model, datamodule = built.model, built.data
     if not isinstance(model, DCHRanker):
         raise SystemExit(f"error: {ckpt} is not a DCHRanker run (got {type(model).__name__})")
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
+    try:  # weights_only: nothing in the file can run code
+        state = load_checkpoint(ckpt)["state_dict"]
+    except UnsafeCheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
+    except KeyError:
+        raise SystemExit(f"error: {ckpt} holds no state_dict") from None
     model.load_state_dict(state)
     datamodule.setup()
     return model.eval(), datamodule

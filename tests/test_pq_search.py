@@ -64,7 +64,11 @@ def test_code_packing_matches_faiss(nbits):
 def assert_same_ranking(index_a: PQIndex, index_b: PQIndex, queries: torch.Tensor, k: int) -> None:
     d_a, i_a = index_a.search(queries, k)
     d_b, i_b = index_b.search(queries, k)
-    torch.testing.assert_close(d_a, d_b, atol=1e-4, rtol=1e-4)
+    # faiss picks its distance kernels by CPU: on an AVX512_SPR machine its SDC table has absolute
+    # errors up to ~2^-11 (a self-distance of 4.9e-4 instead of 0, distances up to 7.4). The bound
+    # is therefore relative to the largest distance; the rankings must still be identical.
+    scale = max(1.0, float(d_b.abs().max()))
+    torch.testing.assert_close(d_a, d_b, atol=1e-4 * scale, rtol=1e-4)
     assert torch.equal(i_a, i_b)
 
 

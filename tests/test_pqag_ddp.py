@@ -74,7 +74,7 @@ def test_pqag_suite_ddp_world_size_2_equals_world_size_1(tiny_dpqn_run, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     eval_script.main([*common, "--devices", "1", "--output-dir", str(tmp_path / "devices1")])
     stem = tiny_dpqn_run["ckpt"].stem
-    reports = {n: json.loads((tmp_path / f"devices{n}" / f"{stem}.json").read_text()) for n in (2, 1)}
+    reports = {n: json.loads((tmp_path / f"devices{n}" / f"{stem}.pqag-ddp-test.json").read_text()) for n in (2, 1)}
     assert reports[2]["world_size"] == 2 and reports[1]["world_size"] == 1
     attacks = [r["attack"] for r in reports[1]["results"]]
     assert attacks == ["PQ-AG:Basic", "PQ-AG:APD", "PQ-AG:AOD"], reports[1].get("skipped")

@@ -81,7 +81,7 @@ def test_sdha_suite_ddp_world_size_2_equals_world_size_1(tiny_dch_run, tmp_path)
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        reports[devices] = json.loads((out / f"{tiny_dch_run['ckpt'].stem}.json").read_text())
+        reports[devices] = json.loads((out / f"{tiny_dch_run['ckpt'].stem}.sdha-ddp-test.json").read_text())
     assert reports[2]["world_size"] == 2 and reports[1]["world_size"] == 1
     by_name = {r["attack"]: r for r in reports[1]["results"] if r["metric"] == "ap"}
     assert list(by_name) == ATTACKS, reports[1].get("skipped")

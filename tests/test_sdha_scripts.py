@@ -72,7 +72,7 @@ def test_eval_py_runs_the_sdha_quick_suite_on_a_dch_checkpoint(tiny_run, tmp_pat
 
     reports = eval_cli.main(["--ckpt", str(tiny_run), "--suite", str(REPO / "configs/suites/sdha_quick.yaml"),
                              "--accelerator", "cpu", "--output-dir", str(tmp_path), "--no-progress"])
-    data = json.loads((tmp_path / "last.json").read_text())
+    data = json.loads((tmp_path / "last.sdha_quick.json").read_text())  # <ckpt>.<suite>.json
     rows = {r["attack"]: r for r in data["results"]}
     assert set(rows) == {"SDHA", "SDHA-UW", "HAG", "SDHA-T", "SDHA-UW-T", "DHTA"}
     for name in ("SDHA", "HAG"):
