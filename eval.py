@@ -160,7 +160,7 @@ class _Job:
 # --------------------------------------------------------------------------- preparation
 def load_suite(args: argparse.Namespace) -> Any:
     """The suite of ``--suite`` (ranking or universal) with the CLI overrides; raise :class:`EvalError`."""
-    from attacks.suite import SUITE_KINDS, Suite, SuiteError
+    from evaluation.suite import SUITE_KINDS, Suite, SuiteError
 
     try:
         suite = Suite.from_yaml(args.suite, kinds=SUITE_KINDS)
@@ -260,7 +260,7 @@ def load_ranker(ckpt: Path, model_section: dict[str, Any] | None, where: str) ->
 
 def prepare(args: argparse.Namespace) -> tuple[Any, list[_Job]]:
     """Validate every argument and load every checkpoint / data module; raise :class:`EvalError`."""
-    from attacks.suite import SuiteError
+    from evaluation.suite import SuiteError
     from data import RetrievalDataModule
 
     ckpts = [Path(p) for p in args.ckpt]
@@ -347,7 +347,7 @@ def check_writable(directory: Path) -> None:
 
 def check_applicable(ckpt: Path, model: Any, datamodule: Any, suite: Any) -> None:
     """Fail now (one line) if no attack of the suite applies to the model (e.g. PQ-AG on a metric ranker)."""
-    from attacks.robustness_evaluator import RobustnessEvaluator
+    from evaluation.engine import RobustnessEvaluator
 
     split = getattr(datamodule, "protocol", None) == "query_database"
     configs, skipped = RobustnessEvaluator(suite, progress=False).plan(model, query_database=split)
@@ -375,7 +375,7 @@ def resume_state(job: _Job, overwrite: bool) -> None:
     """
     import json
 
-    from attacks.report import Report, config_result_from_row
+    from evaluation.report import Report, config_result_from_row
 
     if overwrite:
         return
@@ -405,7 +405,7 @@ def evaluate(job: _Job, args: argparse.Namespace) -> Any:
     """Run the suite on one checkpoint through ``Trainer.test``; write the report (rank 0)."""
     import pytorch_lightning as pl
 
-    from attacks.report import Report
+    from evaluation.report import Report
     from callbacks.robustness_evaluation import RobustnessEvaluation
 
     partial = job.partial_path
@@ -472,13 +472,13 @@ def gallery_tensors(datamodule: Any, batch_size: int = 1000) -> tuple[Any, Any]:
 
 
 def _write_outputs(json_path: Path, md_path: Path, data: dict[str, Any], markdown: str) -> dict[str, Any]:
-    """Markdown first, JSON last (both atomic), as :meth:`attacks.report.Report.write` does.
+    """Markdown first, JSON last (both atomic), as :meth:`evaluation.report.Report.write` does.
 
     Returns the data as written (JSON types: tuples become lists), so callers see what the file holds.
     """
     import json
 
-    from attacks.report import write_atomic
+    from evaluation.report import write_atomic
 
     text = json.dumps(data, indent=2, allow_nan=True) + "\n"
     write_atomic(md_path, markdown)
@@ -489,7 +489,7 @@ def _write_outputs(json_path: Path, md_path: Path, data: dict[str, Any], markdow
 def _common_meta(suite: Any, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     import datetime
 
-    from attacks.report import Report
+    from evaluation.report import Report
 
     return {"suite": suite.to_dict(), "suite_file": suite.source, "seed": suite.seed,
             "versions": Report.environment(), "device": str(device),
@@ -566,7 +566,7 @@ def check_universal_model(job: _Job, suite: Any) -> None:
     """Fail early (one line) when a UAP-IR entry resizes queries but the model takes only one input size."""
     import torch
 
-    from attacks.attack_registry import UNIVERSAL_ATTACKS
+    from evaluation.registry import UNIVERSAL_ATTACKS
     from attacks.uap_retrieval import UAPRetrieval
 
     dataset = job.datamodule.eval_set
@@ -596,7 +596,7 @@ def evaluate_universal(job: _Job, suite: Any, args: argparse.Namespace) -> dict[
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from attacks.attack_registry import UNIVERSAL_ATTACKS
+    from evaluation.registry import UNIVERSAL_ATTACKS
     from attacks.gallery import Gallery
     from attacks.transfer import embed_all
     from attacks.uap_retrieval import UAPRetrieval
@@ -750,10 +750,10 @@ def _model_names(paths: list[Path]) -> list[str]:
 
 def prepare_transfer(args: argparse.Namespace) -> _TransferPlan:
     """Validate a ``--source`` run and load every model and the shared gallery X; raise :class:`EvalError`."""
-    from attacks.attack_registry import ATTACKS
+    from evaluation.registry import ATTACKS
     from attacks.candidate_attack import CandidateAttack
     from attacks.query_attack import QueryAttack
-    from attacks.suite import SuiteError
+    from evaluation.suite import SuiteError
     from data import RetrievalDataModule
 
     paths = list(dict.fromkeys(Path(p) for p in [*args.source, *args.ckpt]))  # each model loaded once
@@ -823,7 +823,7 @@ def evaluate_transfer(plan: _TransferPlan, args: argparse.Namespace) -> dict[str
 
     import torch
 
-    from attacks.attack_registry import ATTACKS
+    from evaluation.registry import ATTACKS
     from attacks.gallery import Gallery
     from attacks.transfer import embed_all, transfer_attack
 
@@ -922,7 +922,7 @@ def transfer_report_markdown(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> list[Any]:
     """Parse, validate, evaluate every checkpoint; returns the reports (rank 0; empty elsewhere).
 
-    Ranking suites return :class:`attacks.report.Report` objects; universal suites and ``--source``
+    Ranking suites return :class:`evaluation.report.Report` objects; universal suites and ``--source``
     runs return their JSON data (dicts).
     """
     args = build_parser().parse_args(argv)
@@ -958,7 +958,7 @@ def main(argv: list[str] | None = None) -> list[Any]:
     # Lightning's info lines ("GPU available ...") would drown the tables.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    from attacks.robustness_evaluator import EvaluationInterrupted, InvalidInputError
+    from evaluation.engine import EvaluationInterrupted, InvalidInputError
 
     reports, failed = [], []
     for job in jobs:
@@ -987,7 +987,7 @@ def main(argv: list[str] | None = None) -> list[Any]:
         if report.data.get("robustness_score") is None and report.data.get("score_invalid"):
             failed.append(f"{job.ckpt}: no robustness score: {report.data['score_invalid']} (report: {job.json_path})")
     if len(reports) > 1:
-        from attacks.report import Report, write_atomic
+        from evaluation.report import Report, write_atomic
 
         out_dir = Path(args.output_dir) if args.output_dir else jobs[0].json_path.parent
         text = Report.comparison_markdown(reports, title=f"Robustness comparison ({suite.name})")

@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks.attack import frozen_eval  # noqa: E402
-from attacks.attack_registry import ATTACKS  # noqa: E402
-from attacks.robustness_evaluator import Collectives, RobustnessEvaluator, _pad_to  # noqa: E402
-from attacks.suite import Suite  # noqa: E402
+from evaluation.registry import ATTACKS  # noqa: E402
+from evaluation.engine import Collectives, RobustnessEvaluator, _pad_to  # noqa: E402
+from evaluation.suite import Suite  # noqa: E402
 
 
 def build_model(args: argparse.Namespace):

@@ -1,11 +1,11 @@
 """Robustness evaluation as a Lightning callback: every N validation epochs and at ``trainer.test``.
 
-It runs the attack suite through :class:`attacks.robustness_evaluator.RobustnessEvaluator` (the
+It runs the attack suite through :class:`evaluation.engine.RobustnessEvaluator` (the
 same engine as ``eval.py``) against the gallery X = ``trainer.datamodule.eval_set`` and logs:
 
 - scalars ``robust/<attack>/eps=<e>/<w or m>=<k>`` (mean normalized rank in percent, Zhou et
   al., ECCV 2020, Sec. 4; ES: ``robust/ES/eps=<e>``, the mean embedding shift) and
-  ``robust/score`` (:mod:`attacks.robustness_score`), through ``pl_module.log`` so they reach
+  ``robust/score`` (:mod:`evaluation.score`), through ``pl_module.log`` so they reach
   every logger, ``trainer.callback_metrics`` and the dict ``trainer.test`` returns; under DDP
   every rank logs the same (all-gathered) values, Lightning writes rank 0's;
 - with a TensorBoard logger (rank 0 only): per attack a grid of clean / adversarial /
@@ -14,7 +14,7 @@ same engine as ``eval.py``) against the gallery X = ``trainer.datamodule.eval_se
   row) and after (lower row) a QA attack; frames are green for the query's class, red
   otherwise, blue for the attack's target candidates;
 - with ``report_dir``: a JSON + Markdown report per evaluation (rank 0), see
-  :class:`attacks.report.Report`, written in ``on_validation_end`` / ``on_test_end`` so that it
+  :class:`evaluation.report.Report`, written in ``on_validation_end`` / ``on_test_end`` so that it
   carries the clean Recall@1 / mAP the ranker logged for the same epoch.
 
 Use it from a LightningCLI config::
@@ -40,14 +40,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid
 
-from attacks.report import Report, write_atomic
-from attacks.robustness_evaluator import (
+from evaluation.report import Report, write_atomic
+from evaluation.engine import (
     ConfigResult,
     RobustnessEvaluator,
     RobustnessResults,
     StrategyCollectives,
 )
-from attacks.suite import Suite
+from evaluation.suite import Suite
 from data.retrieval_batch import collate_retrieval_batch
 from retrieval.index import stable_topk
 
@@ -81,9 +81,9 @@ class RobustnessEvaluation(pl.Callback):
         completed: results of an interrupted earlier run of the same suite and model (read
             from its partial report): the first evaluation does not run them again.
         should_stop: polled before every attack batch; ``True`` stops the evaluation with
-            :class:`attacks.robustness_evaluator.EvaluationInterrupted` (``eval.py``: SIGINT / SIGTERM).
+            :class:`evaluation.engine.EvaluationInterrupted` (``eval.py``: SIGINT / SIGTERM).
 
-    Attack names resolve through :data:`attacks.attack_registry.ATTACKS` (register new attack
+    Attack names resolve through :data:`evaluation.registry.ATTACKS` (register new attack
     families there).
 
     After a run, ``last_results`` holds the :class:`RobustnessResults` and ``history`` lists

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from attacks.report import Report, write_atomic  # noqa: E402
-from attacks.robustness_score import RobustnessScore  # noqa: E402
+from evaluation.report import Report, write_atomic  # noqa: E402
+from evaluation.score import RobustnessScore  # noqa: E402
 
 
 def _key(row: dict[str, Any]) -> tuple[str, float, Any]:

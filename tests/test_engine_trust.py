@@ -17,10 +17,10 @@ from torch import Tensor, nn
 
 from attacks import CandidateAttack
 from attacks.gallery import Gallery
-from attacks.report import Report
-from attacks.robustness_evaluator import InvalidInputError, RobustnessEvaluator
-from attacks.robustness_score import RobustnessScore
-from attacks.suite import SanitySettings, Suite, SuiteError
+from evaluation.report import Report
+from evaluation.engine import InvalidInputError, RobustnessEvaluator
+from evaluation.score import RobustnessScore
+from evaluation.suite import SanitySettings, Suite, SuiteError
 
 RANK_ATTACKS = [
     {"attack": "CA+", "epsilons": [0.1], "w": [1], "steps": 3},

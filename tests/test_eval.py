@@ -15,7 +15,7 @@ import torch
 
 import eval as eval_script
 from run_helpers import train_in
-from attacks.robustness_evaluator import RobustnessEvaluator
+from evaluation.engine import RobustnessEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_interrupted_run_keeps_the_finished_report(tiny_run, tmp_path, monkeypat
 def test_ddp_two_processes_give_the_single_process_numbers(tiny_run, tmp_path):
     """World size 2 (gloo, CPU) and world size 1 write the same numbers, exactly: targets are
     keyed per sample, every forward has the same batch shape and the reduction is in sample
-    order (see attacks/robustness_evaluator.py), so no tolerance is needed."""
+    order (see evaluation/engine.py), so no tolerance is needed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     reports = {}
     for devices in (2, 1):

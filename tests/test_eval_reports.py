@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import eval as eval_script
-from attacks.robustness_evaluator import RobustnessEvaluator
+from evaluation.engine import RobustnessEvaluator
 from test_eval import REPO, run_eval, strip_timing, tiny_run  # noqa: F401  (tiny_run is a fixture)
 
 LONG_SUITE = """

@@ -15,8 +15,8 @@ import torch
 
 import eval as eval_script
 from run_helpers import train_in
-from attacks.attack_registry import ATTACKS
-from attacks.suite import SUITE_KINDS, Suite
+from evaluation.registry import ATTACKS
+from evaluation.suite import SUITE_KINDS, Suite
 from attacks.transfer import embed_all, transfer_attack
 from data import RetrievalDataModule
 

@@ -438,8 +438,8 @@ def _suite(root: Path, text: str) -> Path:
 
 def ranking_numbers(tiny) -> dict:
     """Every reduced number of the golden ranking suite (as floats' exact reprs, via JSON), from the engine."""
-    from attacks.robustness_evaluator import RobustnessEvaluator
-    from attacks.suite import Suite
+    from evaluation.engine import RobustnessEvaluator
+    from evaluation.suite import Suite
 
     suite = Suite.from_dict(RANKING_SUITE)
     results = RobustnessEvaluator(suite, progress=False).run(tiny.model, tiny.datamodule.eval_set)

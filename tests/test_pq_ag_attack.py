@@ -141,7 +141,7 @@ def test_ranking_attacks_run_on_dpqn_through_embed(dpqn):
 def test_registered_in_the_engine_with_the_paper_suite():
     from pathlib import Path
 
-    from attacks import ATTACKS, Suite
+    from evaluation import ATTACKS, Suite
 
     suite = Suite.from_yaml(Path(__file__).resolve().parents[1] / "configs/suites/pqag_table.yaml")
     assert [spec.attack for spec in suite.attacks] == ["PQ-AG:Basic", "PQ-AG:APD", "PQ-AG:AOD"]

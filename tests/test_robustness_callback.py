@@ -12,8 +12,8 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from attacks.robustness_evaluator import RobustnessEvaluator
-from attacks.suite import SuiteError
+from evaluation.engine import RobustnessEvaluator
+from evaluation.suite import SuiteError
 from callbacks import RobustnessEvaluation
 
 SUITE = """

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from attacks import CandidateAttack, MaxShiftAttack
-from attacks.attack_registry import ATTACKS, AttackRegistry
-from attacks.report import Report
-from attacks.robustness_evaluator import Collectives, RobustnessEvaluator
-from attacks.robustness_score import RobustnessScore
-from attacks.suite import Suite, SuiteError
+from evaluation.registry import ATTACKS, AttackRegistry
+from evaluation.report import Report
+from evaluation.engine import Collectives, RobustnessEvaluator
+from evaluation.score import RobustnessScore
+from evaluation.suite import Suite, SuiteError
 
 
 def make_suite(attacks: list[dict], num_samples: int = 24, batch_size: int = 8, registry=ATTACKS) -> Suite:

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from attacks import ATTACKS, Collectives, RobustnessEvaluator, Suite, SuiteError
+from evaluation import ATTACKS, Collectives, RobustnessEvaluator, Suite, SuiteError
 from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
 from run_helpers import fit_with_adam

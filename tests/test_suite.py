@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from attacks.attack_registry import ATTACKS, UNIVERSAL_ATTACKS, AttackRegistry
+from evaluation.registry import ATTACKS, UNIVERSAL_ATTACKS, AttackRegistry
 from attacks.max_shift_attack import MaxShiftAttack
-from attacks.suite import SUITE_KINDS, Suite, SuiteError
+from evaluation.suite import SUITE_KINDS, Suite, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO / "configs" / "suites").glob("*.yaml"))

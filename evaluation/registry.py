@@ -1,12 +1,14 @@
 """The attack registry: suite names ("CA+", "QA-", "ES", ...) -> attack factories.
 
-A suite (:mod:`attacks.suite`) names attacks; the registry says, for each name, how to build
+A suite (:mod:`evaluation.suite`) names attacks; the registry says, for each name, how to build
 the attack for one ``(eps, w-or-m)`` configuration, which per-attack suite keys it accepts,
 which model capabilities it ``needs``, which per-instance metrics it reports and how the
-robustness score reads them. The five ECCV 2020 attacks are registered here; later attack
-families (PQ-AG, SDHA, universal perturbations) register themselves the same way::
+robustness score reads them.
 
-    from attacks.attack_registry import ATTACKS
+Every built-in attack is registered explicitly at the bottom of this module, family by family
+(ranking, quantization, hashing, universal). Adding an attack = one module in ``attacks/`` +
+one ``register`` line here + one suite YAML::
+
     ATTACKS.register("PQ-AG:APD", factory=lambda eps, size, seed, **o: ApdAttack(eps=eps, seed=seed, **o),
                      needs={"codebooks"}, metric="map", metrics=("map", "map_clean"))
 
@@ -21,12 +23,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from typing import Any
+
 from attacks.attack import Attack
 from attacks.candidate_attack import CandidateAttack
+from attacks.dhta_attack import DHTAAttack
+from attacks.hag_attack import HAGAttack
+from attacks.hashing_attack import scaled_tanh_scales
 from attacks.max_shift_attack import MaxShiftAttack
+from attacks.pq_ag_attack import PQAGAttack
 from attacks.query_attack import QueryAttack
+from attacks.sdha_attack import SDHAAttack
+from attacks.uap_retrieval import UAPRetrieval
+from attacks.universal_ranking_attack import UniversalRankingAttack
 
-__all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS", "UNIVERSAL_ATTACKS", "did_you_mean"]
+__all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS", "HASHING_METRICS", "PQ_AG_METRICS",
+           "SDHA_METRICS", "UAP_METRICS", "UNIVERSAL_ATTACKS", "did_you_mean"]
 
 #: PGD keys every attack accepts (see :class:`attacks.attack.Attack`).
 COMMON_OPTIONS: frozenset[str] = frozenset({"alpha", "steps", "random_start"})
@@ -59,7 +71,7 @@ class AttackEntry:
             queries of ``datamodule.query_set`` are attacked, the gallery holds the database's
             ``encode`` outputs, and the attack receives ``query_labels=``).
         sanity_options: options the large-budget sanity check sets on top of the suite entry's
-            (:class:`attacks.suite.SanitySettings`), e.g. QA's ``G = 0``: the semantics-preserving
+            (:class:`evaluation.suite.SanitySettings`), e.g. QA's ``G = 0``: the semantics-preserving
             term exists to hold the attack back, so an unbounded check runs without it.
     """
 
@@ -174,7 +186,8 @@ class AttackRegistry:
         return len(self._entries)
 
 
-# ----------------------------------------------------------------------- the ECCV 2020 attacks
+# ======================================================================= built-in attacks
+# ----------------------------------------------------------------------- ranking (ECCV 2020)
 def _candidate_attack(direction: Literal["+", "-"]) -> AttackFactory:
     def factory(eps: float, size: int | None, seed: int, **options: object) -> Attack:
         return CandidateAttack(direction, 1 if size is None else size, eps=eps, seed=seed, **options)
@@ -213,13 +226,134 @@ ATTACKS.register("ES", _max_shift_attack, metric="shift", metrics=("shift",),
                  description="maximum embedding shift d(f(x~), f(x)) (ECCV 2020 Sec. 3.3)")
 
 
+# ----------------------------------------------------------------------- hashing (SDHA, ICMR 2021)
+# The deep-hashing attacks in the evaluation engine's registry (this registry).
+#
+# Suite names (``configs/suites/sdha_*.yaml``): ``SDHA``, ``SDHA-UW``, ``HAG`` (untargeted) and
+# ``SDHA-T``, ``SDHA-UW-T``, ``DHTA`` (targeted; the suite entry must give ``target_label``, an int
+# or ``random``). All run under the query / database protocol (the engine attacks the first T of a
+# seeded permutation of the query set against the database's sign codes and passes
+# ``query_labels``) and need the ``hash_bits`` capability.
+#
+# Reported per query and averaged by the engine: ``ap`` (AP@topk after the attack, the table
+# metric, so the mean is the mAP), ``ap_clean``, ``l2``, ``l2_at_target`` (mean over the queries
+# that reached the AP bound), ``success`` (fraction that did) and ``iterations``; SDHA also
+# ``lagrange`` (alpha * K, per query when ``search_steps`` > 1) and ``search_iterations`` (the
+# iterations of all its binary-search runs). The workload-level
+# "l2 at a preset mAP" of SDHA Tables 2-4 needs the per-iteration traces, which the engine does not
+# gather: ``scripts/sdha_tables.py`` produces those tables (docs/dch.md).
+#
+# Suite options: every constructor argument of the attack (``steps``, ``lr``, ``lagrange``,
+# ``sigma``, ``z``, ``search_steps``, ``momentum``, ``threshold``, ``n_f``, ``topk``, ``check_every``,
+# ``early_stop``, ``goal_ap``, ``target_label``); the common ``alpha`` is the step size (``lr``); ``random_start`` must be false
+# (the attacks start at the clean query, as the paper). ``tanh_scale_factor`` (> 0) multiplies the
+# paper's gamma schedule: a per-model constant for hash layers whose logits are far from the scale
+# the schedule assumes (:func:`attacks.hashing_attack.logit_scale_factor`; ``scripts/sdha_tables.py
+# --tanh-scale-factor auto`` prints it per model).
+HASHING_METRICS = ("ap", "ap_clean", "l2", "l2_at_target", "success", "iterations")
+SDHA_METRICS = (*HASHING_METRICS, "lagrange", "search_iterations")
+_COMMON = {"lr", "topk", "check_every", "early_stop", "goal_ap", "tanh_scale_factor"}
+_SDHA_OPTIONS = _COMMON | {"lagrange", "sigma", "z", "search_steps"}
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    options = dict(options)
+    if options.pop("random_start", False):
+        raise ValueError("the hashing attacks start at the clean query; random_start must be false")
+    if "alpha" in options:  # the engine's common step-size key
+        options["lr"] = options.pop("alpha")
+    if "tanh_scale_factor" in options:
+        options["tanh_scales"] = scaled_tanh_scales(options.pop("tanh_scale_factor"))
+    return options
+
+
+def _sdha(targeted: bool, unweighted: bool) -> Callable[..., Attack]:
+    def factory(eps: float, size: int | None, seed: int, **options: Any) -> Attack:
+        options = _options(options)
+        target = options.pop("target_label", None)
+        if unweighted:
+            options["z"] = 0.0
+        return SDHAAttack(targeted, target, eps=eps, seed=seed, **options)
+
+    return factory
+
+
+def _hag(eps: float, size: int | None, seed: int, **options: Any) -> Attack:
+    return HAGAttack(eps=eps, seed=seed, **_options(options))
+
+
+def _dhta(eps: float, size: int | None, seed: int, **options: Any) -> Attack:
+    options = _options(options)
+    return DHTAAttack(options.pop("target_label", None), eps=eps, seed=seed, **options)
+
+
+_HASHING = {"needs": {"hash_bits"}, "metric": "ap", "metrics": HASHING_METRICS, "clean_metric": "ap_clean",
+            "protocol": "query_database"}
+_SDHA = {**_HASHING, "metrics": SDHA_METRICS}
+# Untargeted attacks lower the AP towards 0: the score's "+" term ap / ap_clean applies.
+# Targeted ones are left out of the score (its "-" term assumes ranks in percent).
+ATTACKS.register("SDHA", _sdha(False, False), options=_SDHA_OPTIONS, direction="+", **_SDHA,
+                 description="SDHA untargeted: l2 + alpha * weighted surrogate Hamming (ICMR 2021 Eq. 1, 6)")
+ATTACKS.register("SDHA-UW", _sdha(False, True), options=_SDHA_OPTIONS - {"z"}, direction="+", **_SDHA,
+                 description="SDHA untargeted without the AP-oriented weights (ICMR 2021 Sec. 5.1)")
+ATTACKS.register("HAG", _hag, options=_COMMON | {"momentum", "threshold"}, direction="+", **_HASHING,
+                 description="HAG: push the code away from the query's own code (Yang et al. 2020)")
+ATTACKS.register("SDHA-T", _sdha(True, False), options=_SDHA_OPTIONS | {"target_label"}, **_SDHA,
+                 description="SDHA targeted (ICMR 2021 Eq. 1, 7); target_label: int or random")
+ATTACKS.register("SDHA-UW-T", _sdha(True, True), options=(_SDHA_OPTIONS - {"z"}) | {"target_label"},
+                 **_SDHA, description="SDHA targeted without the AP-oriented weights")
+ATTACKS.register("DHTA", _dhta, options=_COMMON | {"n_f", "target_label"}, **_HASHING,
+                 description="DHTA: move the code to the target class's anchor code (Bai et al. 2020)")
+
+
+# ----------------------------------------------------------------------- quantization (PQ-AG, AAAI 2020)
+# The PQ-AG attacks in the evaluation engine's registry (this registry).
+#
+# Suite names (``configs/suites/pqag_table.yaml``): ``PQ-AG:Basic``, ``PQ-AG:APD``, ``PQ-AG:AOD``
+# (Feng et al., AAAI 2020, Eqs. 3, 8, 9; :class:`attacks.pq_ag_attack.PQAGAttack`). They run under
+# the query / database protocol: the engine attacks the first T of a seeded permutation of the
+# query set against the database's hard PQ codes (``model.encode``) and passes ``query_labels``.
+#
+# All three entries need the ``codebooks`` capability: the PQ-AG table measures mAP under SDC and
+# ADC, which only PQ rankers define (the :class:`PQAGAttack` class itself runs Basic on any
+# ranker). Reported per query and averaged by the engine: ``ap_sdc`` (the table metric),
+# ``ap_sdc_clean``, ``ap_adc``, ``ap_adc_clean`` and ``code_change``. They lower AP towards 0, so
+# the robustness score's ``"+"`` term (``ap_sdc / ap_sdc_clean``) applies.
+#
+# Suite options: the common ``alpha`` (PGD step; paper 0.01), ``steps`` (paper 5) and
+# ``random_start`` (default true), plus ``temperature`` and ``topk``.
+PQ_AG_METRICS = ("ap_sdc", "ap_sdc_clean", "ap_adc", "ap_adc_clean", "code_change")
+
+_DESCRIPTIONS = {
+    "basic": "PQ-AG Basic: push the query's deep feature away (AAAI 2020 Eq. 3)",
+    "apd": "PQ-AG APD, type I: cross-entropy against the clean peak codewords (AAAI 2020 Eq. 8)",
+    "aod": "PQ-AG AOD, type II: against the whole clean codeword distribution (AAAI 2020 Eq. 9)",
+}
+
+
+def _pq_ag(variant: str) -> Callable[..., Attack]:
+    def factory(eps: float, size: int | None, seed: int, **options: Any) -> Attack:
+        # The paper's step (0.01) and iterations (5) unless the suite says otherwise.
+        options.setdefault("alpha", 0.01)
+        options.setdefault("steps", 5)
+        return PQAGAttack(variant, eps=eps, seed=seed, **options)  # type: ignore[arg-type]
+
+    return factory
+
+
+for _variant, _label in (("basic", "Basic"), ("apd", "APD"), ("aod", "AOD")):
+    ATTACKS.register(
+        f"PQ-AG:{_label}", _pq_ag(_variant), options={"temperature", "topk"}, needs={"codebooks"},
+        metric="ap_sdc", metrics=PQ_AG_METRICS, clean_metric="ap_sdc_clean", direction="+",
+        protocol="query_database", description=_DESCRIPTIONS[_variant],
+    )
+
+
 # ----------------------------------------------------------------------- universal perturbations
 # A separate registry: a universal attack fits ONE perturbation on a fit set and measures it on
 # the fit and an unseen set (ECCV 2020 Table 6, UAP-IR), which is not the per-batch protocol of
-# the robustness engine. Suites with ``kind: universal`` validate against it (attacks.suite) and
-# run through ``eval.py`` (its universal mode). ``COMMON_OPTIONS`` (PGD keys) do not apply.
-from attacks.uap_retrieval import UAPRetrieval  # noqa: E402
-from attacks.universal_ranking_attack import UniversalRankingAttack  # noqa: E402
+# the robustness engine. Suites with ``kind: universal`` validate against it (evaluation.suite)
+# and run through the universal runner. ``COMMON_OPTIONS`` (PGD keys) do not apply.
 
 #: Schedule keys every universal attack accepts (the suite's ``batch_size`` is the fit batch).
 UNIVERSAL_SCHEDULE_OPTIONS: frozenset[str] = frozenset({"epochs", "step", "momentum"})

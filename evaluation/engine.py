@@ -31,7 +31,7 @@ with gloo); the engine does its work under ``inference_mode(False)`` so the tens
 
 Attacks whose ``needs`` the model lacks (e.g. PQ attacks on a metric ranker) are skipped and
 recorded (:class:`SkippedAttack`), never silently dropped. A w / m the gallery cannot supply
-is a :class:`attacks.suite.SuiteError` before the first attack runs.
+is a :class:`evaluation.suite.SuiteError` before the first attack runs.
 """
 
 from __future__ import annotations
@@ -48,11 +48,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from attacks.attack import NotApplicableError, frozen_eval
-from attacks.attack_registry import ATTACKS, AttackEntry, AttackRegistry
+from evaluation.registry import ATTACKS, AttackEntry, AttackRegistry
 from attacks.gallery import Gallery
 from attacks.pgd import record_gradient_diagnostics
-from attacks.robustness_score import RobustnessScore
-from attacks.suite import AttackConfig, Suite
+from evaluation.score import RobustnessScore
+from evaluation.suite import AttackConfig, Suite
 from data.retrieval_batch import collate_retrieval_batch
 from retrieval.metrics import deduplicate_by_index, evaluate_retrieval
 
@@ -198,7 +198,7 @@ def _config_key(config: AttackConfig) -> tuple[int | None, str, float, int | Non
 
 @dataclass(frozen=True)
 class SanityCheck:
-    """One large-budget configuration that must nearly always succeed (see :class:`attacks.suite.SanitySettings`).
+    """One large-budget configuration that must nearly always succeed (see :class:`evaluation.suite.SanitySettings`).
 
     An attack that cannot reach its goal even without a meaningful budget signals a broken
     attack or gradient masking (Carlini et al., "On Evaluating Adversarial Robustness", 2019).
@@ -280,11 +280,11 @@ class RobustnessResults:
 
 # --------------------------------------------------------------------------- the engine
 class RobustnessEvaluator:
-    """Run a :class:`attacks.suite.Suite` against a ranker (see the module docstring).
+    """Run a :class:`evaluation.suite.Suite` against a ranker (see the module docstring).
 
     Args:
         suite: the validated suite.
-        registry: attack name -> factory (default: :data:`attacks.attack_registry.ATTACKS`).
+        registry: attack name -> factory (default: :data:`evaluation.registry.ATTACKS`).
         num_samples: overrides the suite's T (-1: whole gallery).
         batch_size: overrides the suite's attack batch size.
         keep_examples: keep this many clean / adversarial examples per attack (rank 0, at the
@@ -318,7 +318,7 @@ class RobustnessEvaluator:
 
     # ------------------------------------------------------------------ planning
     def check(self, gallery_size: int) -> None:
-        """Raise :class:`attacks.suite.SuiteError` if the suite cannot run on this gallery."""
+        """Raise :class:`evaluation.suite.SuiteError` if the suite cannot run on this gallery."""
         self.suite.check_gallery(gallery_size, self.registry)
 
     def plan(

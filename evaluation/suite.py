@@ -12,12 +12,12 @@ Format (``configs/suites/*.yaml``)::
       - {attack: QA-, epsilons: [0.01, 0.03, 0.1, 0.3], m: [1, 2, 5, 10], xi: 100}
       - {attack: ES, epsilons: [0.01, 0.03, 0.1, 0.3]}
 
-Per-attack keys: ``attack`` (a name of :data:`attacks.attack_registry.ATTACKS`), ``epsilons``
+Per-attack keys: ``attack`` (a name of :data:`evaluation.registry.ATTACKS`), ``epsilons``
 (L-inf budgets in [0, 1] pixel units), the target count ``w`` (CA) / ``m`` (QA) (a list or one
 integer, default 1), and optionally ``alpha`` / ``steps`` (default: the ECCV 2020 step rules of
 Sec. 4), ``random_start``, and for QA ``xi`` / ``G`` / ``percent``, for CA ``percent``.
 
-Universal suites (``kind: universal``) list universal attacks instead (:data:`attacks.attack_registry.
+Universal suites (``kind: universal``) list universal attacks instead (:data:`evaluation.registry.
 UNIVERSAL_ATTACKS`: ``I-CA+`` / ``I-CA-`` / ``I-QA+`` / ``I-QA-`` / ``UAP-IR:label`` / ``UAP-IR:pair`` /
 ``UAP-IR:list``) with their schedule keys (``epochs``, ``step``, ``momentum``) and options; there
 ``num_samples`` is the size of the fit set and of the disjoint unseen set (-1: 5% of X each, the
@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from attacks.attack_registry import ATTACKS, UNIVERSAL_ATTACKS, AttackEntry, AttackRegistry, did_you_mean
+from evaluation.registry import ATTACKS, UNIVERSAL_ATTACKS, AttackEntry, AttackRegistry, did_you_mean
 
 __all__ = ["AttackConfig", "AttackSpec", "SUITE_KINDS", "SanitySettings", "Suite", "SuiteError"]
 

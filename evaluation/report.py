@@ -79,7 +79,7 @@ def _git_commit() -> dict[str, Any] | None:
 
 
 def result_row(r: Any) -> dict[str, Any]:
-    """The JSON row of one :class:`attacks.robustness_evaluator.ConfigResult`.
+    """The JSON row of one :class:`evaluation.engine.ConfigResult`.
 
     An invalid result keeps no numbers (``mean`` / ``std`` / ``clean`` are null) and says why in
     ``invalid``, so nothing downstream can read a score out of it.
@@ -107,8 +107,8 @@ def result_row(r: Any) -> dict[str, Any]:
 
 
 def config_result_from_row(row: dict[str, Any]) -> Any:
-    """The :class:`attacks.robustness_evaluator.ConfigResult` a JSON row was written from (for resuming)."""
-    from attacks.robustness_evaluator import ConfigResult
+    """The :class:`evaluation.engine.ConfigResult` a JSON row was written from (for resuming)."""
+    from evaluation.engine import ConfigResult
 
     known = {"attack", "eps", "size_key", "metric", "mean", "std", "T", "wall_s", "clean", "direction", "hparams",
              "invalid", "diagnostics", "spec_index"}
@@ -128,7 +128,7 @@ def config_result_from_row(row: dict[str, Any]) -> Any:
 
 
 def sanity_row(check: Any) -> dict[str, Any]:
-    """The JSON row of one :class:`attacks.robustness_evaluator.SanityCheck`."""
+    """The JSON row of one :class:`evaluation.engine.SanityCheck`."""
     return {**result_row(check.result), "threshold": check.threshold, "passed": check.passed}
 
 
@@ -163,7 +163,7 @@ class Report:
         meta: dict[str, Any] | None = None,
         include_environment: bool = True,
     ) -> Report:
-        """Build the report of a :class:`attacks.robustness_evaluator.RobustnessResults`."""
+        """Build the report of a :class:`evaluation.engine.RobustnessResults`."""
         suite = results.suite
         rows = [result_row(r) for r in results.results]
         data: dict[str, Any] = {
