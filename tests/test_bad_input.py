@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 import train
 from data import DataConfigError, SyntheticDataModule, write_idx_ubyte
+from test_configs import resolved_config
 
 REPO = Path(__file__).resolve().parents[1]
 CT = "configs/fashion_mnist_ct.yaml"
@@ -258,7 +258,7 @@ def test_replacement_is_used_only_when_asked_for() -> None:
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_are_far_from_the_memory_limit(config: Path) -> None:
     """The memory check never refuses a shipped config: its lower bound stays under 64 MiB."""
-    data = yaml.safe_load(config.read_text())["data"]
+    data = resolved_config("--config", str(config))["data"]  # a paper config is a stack of overlays
     batch_size = data.get("init_args", {}).get("batch_size", 64)
     image_shape = (3, 32, 32) if "cifar" in data["class_path"].lower() else (1, 28, 28)
     assert train.training_batch_bytes(batch_size, image_shape) < 64 * 2**20

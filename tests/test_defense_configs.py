@@ -1,4 +1,5 @@
-"""The defended configs (CTD / ETD) run through train.py, and the callback trains under 2-process CPU DDP."""
+"""The defended configs (CTD / ETD) and the defense overlay (configs/defenses/max_shift.yaml) run through
+train.py, and the callback trains under 2-process CPU DDP."""
 
 from __future__ import annotations
 
@@ -34,19 +35,27 @@ def fake_mnist_tree(root: Path, train_per_class: int = 8, test_per_class: int = 
     return root
 
 
-@pytest.mark.parametrize("name", DEFENDED_CONFIGS)
+@pytest.mark.parametrize("name", [*DEFENDED_CONFIGS, "stack:et+mnist+max_shift"])
 def test_defended_config_parses_and_runs_fast_dev_run(name, tmp_path, monkeypatch):
-    config = REPO / "configs" / name
-    spec = yaml.safe_load(config.read_text())
-    assert spec["trainer"]["logger"]["init_args"]["name"] == name.removesuffix(".yaml")
+    if name.startswith("stack:"):  # the defense overlay on a model / data pair no paper config names
+        config_args = ["--config", str(REPO / "configs/models/et.yaml"), "--data", str(REPO / "configs/data/mnist.yaml"),
+                       "--trainer.callbacks", str(REPO / "configs/defenses/max_shift.yaml")]
+    else:
+        config = REPO / "configs" / name
+        spec = yaml.safe_load(config.read_text())  # a named stack: model overlay + data + the defense overlay
+        assert spec["trainer.callbacks"] == "defenses/max_shift.yaml"
+        assert spec["trainer.logger.init_args.name"] == name.removesuffix(".yaml")
+        config_args = ["--config", str(config)]
     monkeypatch.chdir(tmp_path)  # runs/ and the saved config land in tmp_path
     root = fake_mnist_tree(tmp_path / "idx")
     # Only the data sizes are shrunk; the callback keeps the paper's strongest adversary.
     cli = train.main([
-        "fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
+        "fit", *config_args, "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
         "--data.root", str(root), "--data.batch_size", "16", "--data.samples_per_class", "4",
         "--data.eval_batch_size", "40",
     ])
+    checkpoint = cli.trainer.checkpoint_callback  # a defended run keeps every epoch (docs/defense.md)
+    assert checkpoint.save_top_k == -1 and checkpoint.monitor is None
     defenses = [cb for cb in cli.trainer.callbacks if isinstance(cb, MaxShiftAdversarialTraining)]
     assert len(defenses) == 1
     cb = defenses[0]

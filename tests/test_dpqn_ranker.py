@@ -8,7 +8,6 @@ import faiss
 import numpy as np
 import pytest
 import torch
-import yaml
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
@@ -18,6 +17,7 @@ from lightning_modules import DPQNRanker, KMeansPQRanker, LeNet, SoftProductQuan
 from lightning_modules.soft_product_quantizer import split_bits
 from retrieval import PQIndex
 from retrieval.topk_metrics import map_at_topk
+from test_configs import resolved_config
 from run_helpers import fit_with_adam
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ CONFIGS = {bits: REPO / "configs" / f"fashion_mnist_dpqn_{bits}bit.yaml" for bit
 
 @pytest.mark.parametrize("bits", sorted(CONFIGS))
 def test_dpqn_configs_have_the_documented_bit_budgets(bits):
-    spec = yaml.safe_load(CONFIGS[bits].read_text())
+    spec = resolved_config("--config", str(CONFIGS[bits]))  # a paper config is a stack of overlays
     args = spec["model"]["init_args"]
     assert spec["model"]["class_path"] == "lightning_modules.DPQNRanker"
     assert args["num_bits"] == bits and args["num_codebooks"] == 4

@@ -19,7 +19,18 @@ from data.idx_format import write_idx_ubyte
 from lightning_modules import MetricRanker, load_ranker
 
 REPO = Path(__file__).resolve().parents[1]
+# The 19 paper configs; through their includes they use every overlay under configs/ (tests/test_configs.py).
 MODEL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# Overlay stacks as the README writes them (model + data [+ defense] [+ budget]), including combinations
+# no paper config names.
+STACKS = {
+    "lenet-mnist-quickstart": ["--config", "configs/models/ct_lenet.yaml", "--data", "configs/data/mnist.yaml",
+                               "--config", "configs/budgets/quickstart.yaml"],
+    "dch32-hashing": ["--config", "configs/models/dch.yaml", "--data", "configs/data/fashion_mnist_hashing.yaml",
+                      "--model.init_args.hash_bits", "32"],
+    "dpqn16-pq-quickstart": ["--config", "configs/models/dpqn.yaml", "--data", "configs/data/fashion_mnist_pq.yaml",
+                             "--model.init_args.num_bits", "16", "--config", "configs/budgets/quickstart.yaml"],
+}
 # A tiny, fast variant of any model config: synthetic data, small embedding, no real dataset.
 TINY = [
     "--data", "data.SyntheticDataModule",
@@ -47,15 +58,24 @@ def fake_mnist_root(root: Path, n_train: int = 300, n_test: int = 200) -> Path:
     return root
 
 
-@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses_and_runs_fast_dev_run(config, in_tmp):
-    args = ["fit", "--config", str(config), "--trainer.fast_dev_run", "1", "--data.eval_batch_size", "250"]
-    if "mnist" in config.stem and "fashion" not in config.stem:
-        args += ["--data.root", str(fake_mnist_root(in_tmp / "mnist"))]
+def run_fast_dev_run(config_args: list[str], tmp: Path) -> None:
+    args = ["fit", *config_args, "--trainer.fast_dev_run", "1", "--data.eval_batch_size", "250"]
+    if any(Path(a).name.startswith("mnist") for a in config_args):  # mnist_*.yaml, data/mnist.yaml
+        args += ["--data.root", str(fake_mnist_root(tmp / "mnist"))]
     cli = train.main(args)
     metrics = cli.trainer.callback_metrics
     assert {"val/recall@1", "val/map", "val/map@r", "val/nmi"} <= set(metrics)
     assert torch.isfinite(metrics["train/loss_step"])
+
+
+@pytest.mark.parametrize("config", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_parses_and_runs_fast_dev_run(config, in_tmp):
+    run_fast_dev_run(["--config", str(config)], in_tmp)
+
+
+@pytest.mark.parametrize("stack", STACKS.values(), ids=list(STACKS))
+def test_overlay_stacks_run_fast_dev_run(stack, in_tmp):
+    run_fast_dev_run([str(REPO / a) if a.startswith("configs/") else a for a in stack], in_tmp)
 
 
 def test_print_config_works(in_tmp, capsys):
@@ -155,10 +175,10 @@ def test_bad_input_gives_one_clear_line(args, expected, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_unknown_key_in_a_yaml_config(tmp_path):
+@pytest.mark.parametrize("text", ["trainer:\n  max_epoch: 3\n", "trainer.max_epoch: 3\n"], ids=["nested", "dotted"])
+def test_unknown_key_in_a_yaml_config(text, tmp_path):
     bad = tmp_path / "bad.yaml"
-    text = (REPO / "configs/fashion_mnist_ct.yaml").read_text().replace("max_epochs:", "max_epoch:")
-    bad.write_text(text)
+    bad.write_text(f"config: {REPO / 'configs/fashion_mnist_ct.yaml'}\n{text}")
     proc = run_train("fit", "--config", str(bad), cwd=tmp_path)
     assert proc.returncode == 2
     lines = error_lines(proc)
