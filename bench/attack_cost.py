@@ -60,14 +60,13 @@ def build_data(args: argparse.Namespace):
 
 
 def load_checkpoint(path: str):
-    import eval as eval_script
+    from data import RetrievalDataModule
+    from evaluation.checkpoints import instantiate, load_ranker, run_config
 
     ckpt = Path(path)
-    model_section, data_section, where = eval_script._run_config(ckpt, None)
-    model = eval_script.load_ranker(ckpt, model_section, where)
-    from data import RetrievalDataModule
-
-    dm = eval_script._instantiate(data_section, RetrievalDataModule, "data", where)
+    model_section, data_section, where = run_config(ckpt, None)
+    model = load_ranker(ckpt, model_section, where)
+    dm = instantiate(data_section, RetrievalDataModule, "data", where)
     dm.setup("test")
     return model, dm
 

@@ -3,12 +3,23 @@
 One engine serves ``eval.py`` and the :class:`callbacks.RobustnessEvaluation` callback
 (docs/evaluation.md)::
 
-    from evaluation import Report, RobustnessEvaluator, Suite
+    from evaluation import BenchmarkOptions, Report, RobustnessEvaluator, Suite, benchmark
 
+    # checkpoints -> reports, as eval.py does
+    run = benchmark(["runs/ct/version_0/checkpoints/last.ckpt"], BenchmarkOptions(suite="configs/suites/quick.yaml"))
+    print(run.results[0].report.to_markdown())
+
+    # a model in memory
     results = RobustnessEvaluator(Suite.from_yaml("configs/suites/quick.yaml")).run(model, dm.eval_set)
     print(Report.from_results(results).to_markdown())
+
+Modules: ``registry`` (every built-in attack, registered explicitly), ``suite``, ``engine`` (the
+per-sample protocol, single process or DDP), ``universal`` and ``transfer`` (the other two
+protocols), ``benchmark`` (checkpoints -> reports), ``checkpoints`` (safe loading of a run's model
+and data), ``data``, ``report``, ``score``, ``options``, ``errors``.
 """
 
+from evaluation.benchmark import BenchmarkResult, BenchmarkRun, benchmark
 from evaluation.engine import (
     Collectives,
     ConfigResult,
@@ -20,6 +31,8 @@ from evaluation.engine import (
     SkippedAttack,
     StrategyCollectives,
 )
+from evaluation.errors import EvaluationError
+from evaluation.options import BenchmarkOptions
 from evaluation.registry import ATTACKS, UNIVERSAL_ATTACKS, AttackEntry, AttackRegistry
 from evaluation.report import Report
 from evaluation.score import RobustnessScore
@@ -31,8 +44,12 @@ __all__ = [
     "AttackEntry",
     "AttackRegistry",
     "AttackSpec",
+    "BenchmarkOptions",
+    "BenchmarkResult",
+    "BenchmarkRun",
     "Collectives",
     "ConfigResult",
+    "EvaluationError",
     "EvaluationInterrupted",
     "InvalidInputError",
     "Report",
@@ -47,4 +64,5 @@ __all__ = [
     "Suite",
     "SuiteError",
     "UNIVERSAL_ATTACKS",
+    "benchmark",
 ]

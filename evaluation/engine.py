@@ -68,6 +68,8 @@ __all__ = [
     "SkippedAttack",
     "StrategyCollectives",
     "ZERO_GRADIENT_WARNING",
+    "clean_metrics",
+    "separate_codes",
 ]
 
 #: Per-sample diagnostics the engine gathers beside each attack's metrics (0 / 1 per sample):
@@ -87,14 +89,17 @@ class EvaluationInterrupted(Exception):
     """The evaluation was asked to stop (``should_stop``); the finished configurations are kept.
 
     Attributes:
-        finished: the configurations finished so far (this run's and resumed ones), in order.
+        finished: the configurations finished so far (this run's and resumed ones), in order
+            (result rows for the universal / transfer runners).
         total: the number of configurations of the whole evaluation.
+        partial: the partial report that holds them, when the runner keeps one (set by the runner).
     """
 
-    def __init__(self, finished: list[ConfigResult], total: int) -> None:
+    def __init__(self, finished: list[Any], total: int) -> None:
         super().__init__(f"interrupted after {len(finished)} of {total} configurations")
         self.finished = finished
         self.total = total
+        self.partial: Any = None
 
 
 # --------------------------------------------------------------------------- collectives
@@ -564,13 +569,7 @@ class RobustnessEvaluator:
             return self._clean_metrics(model, gallery, None)
 
     def _clean_metrics(self, model: nn.Module, gallery: Gallery, codes: Tensor | None) -> dict[str, float]:
-        """Clean Recall@1 / mAP / MAP@R of X against itself (self excluded), as retrieval ranks."""
-        distance = getattr(model, "code_distance", model.distance)
-        return evaluate_retrieval(
-            codes if codes is not None else gallery.embeddings, gallery.labels,
-            codes if codes is not None else gallery.embeddings, gallery.labels,
-            distance, exclude_self=True, recall_ks=(1,), nmi=False,
-        )
+        return clean_metrics(model, gallery.embeddings, gallery.labels, codes)
 
     def _run_attacks(
         self,
@@ -844,6 +843,26 @@ def _warnings(results: list[ConfigResult], sanity: list[SanityCheck]) -> list[st
             out.append(f"{r.label}: the input gradient was zero or NaN / inf at the first step for "
                        f"{100 * fraction:.0f}% of the samples (gradient masking or a broken loss?)")
     return out
+
+
+def clean_metrics(model: nn.Module, embeddings: Tensor, labels: Tensor, codes: Tensor | None = None) -> dict[str, float]:
+    """Clean Recall@1 / mAP / MAP@R of X against itself (self excluded), ranked as retrieval ranks.
+
+    The one clean-metric function of every report (ranking, universal, transfer): by ``codes``
+    (``model.encode`` of X: hard PQ codes, sign codes) and ``model.code_distance`` when given,
+    else by the embeddings with ``code_distance`` (the same as ``distance`` for metric rankers).
+    """
+    distance = getattr(model, "code_distance", model.distance)
+    keys = codes if codes is not None else embeddings
+    with torch.inference_mode(False), torch.no_grad():
+        values = evaluate_retrieval(keys, labels, keys, labels, distance, exclude_self=True, recall_ks=(1,), nmi=False)
+    return {k: float(v) for k, v in values.items()}
+
+
+def separate_codes(model: nn.Module) -> bool:
+    """Whether ``model.encode`` differs from ``model.embed`` (PQ / hashing rankers): the clean
+    metrics then rank by the codes."""
+    return _overrides(model, "encode")
 
 
 def _pad_to(batch: Tensor, size: int) -> Tensor:

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Report", "config_result_from_row", "result_row", "write_atomic"]
+__all__ = ["Report", "config_result_from_row", "result_row", "run_metadata", "write_atomic", "write_outputs"]
 
 FORMAT = "robust-ranking/robustness-report/v1"
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +62,22 @@ def write_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_outputs(json_path: Path, md_path: Path, data: dict[str, Any], markdown: str) -> dict[str, Any]:
+    """Markdown first, JSON last (both atomic), as :meth:`Report.write` does; for the universal and
+    transfer reports. Returns the data as written (JSON types: tuples become lists)."""
+    text = json.dumps(data, indent=2, allow_nan=True) + "\n"
+    write_atomic(md_path, markdown)
+    write_atomic(json_path, text)
+    return json.loads(text)
+
+
+def run_metadata(suite: Any, device: Any) -> dict[str, Any]:
+    """The suite as run, seed, versions, device and time: the common head of the universal / transfer reports."""
+    return {"suite": suite.to_dict(), "suite_file": suite.source, "seed": suite.seed,
+            "versions": Report.environment(), "device": str(device),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _git_commit() -> dict[str, Any] | None:

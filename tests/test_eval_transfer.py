@@ -19,6 +19,8 @@ from evaluation.registry import ATTACKS
 from evaluation.suite import SUITE_KINDS, Suite
 from attacks.transfer import embed_all, transfer_attack
 from data import RetrievalDataModule
+from evaluation.checkpoints import instantiate, load_ranker, run_config
+from evaluation.data import gallery_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 TRANSFER_SUITES = sorted((REPO / "configs" / "suites").glob("transfer*.yaml"))
@@ -83,11 +85,11 @@ def run_eval(args: list[str]) -> list:
 
 
 def _gallery(ckpt: Path) -> tuple:
-    model = eval_script.load_ranker(ckpt, None, "test")
+    model = load_ranker(ckpt, None, "test")
     # the run's own data section, as eval.py reads it
-    dm = eval_script._instantiate(eval_script._run_config(ckpt, None)[1], RetrievalDataModule, "data", "test")
+    dm = instantiate(run_config(ckpt, None)[1], RetrievalDataModule, "data", "test")
     dm.setup("test")
-    images, labels = eval_script.gallery_tensors(dm)
+    images, labels = gallery_tensors(dm)
     return model, images, labels
 
 
@@ -100,7 +102,7 @@ def test_transfer_is_measured_on_the_target_model(runs, tmp_path):
 
     # Recompute in-process: the same attacked samples, crafted on A, measured on each target directly.
     model_a, images, labels = _gallery(a)
-    model_b = eval_script.load_ranker(b, None, "test")
+    model_b = load_ranker(b, None, "test")
     indices = torch.tensor(data["attacked_indices"])
     for row in data["results"]:
         size = row.get("w", row.get("m"))

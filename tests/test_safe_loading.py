@@ -26,6 +26,7 @@ import eval as eval_script
 import train
 from callbacks import WarmStart
 from data import CIFAR10DataModule, DataConfigError, SyntheticDataModule
+from evaluation.checkpoints import load_ranker as load_run_ranker
 from lightning_modules import LeNet, MetricRanker, UnsafeCheckpointError, load_checkpoint, load_ranker
 from run_helpers import train_in
 
@@ -190,7 +191,7 @@ def test_only_optimizer_classes_are_accepted_beside_plain_values(tmp_path, marke
 
 def test_a_genuine_checkpoint_loads_bit_identically(run):
     saved = _genuine(run)["state_dict"]
-    for model in (load_ranker(str(run["ckpt"])), eval_script.load_ranker(run["ckpt"], None, "test")):
+    for model in (load_ranker(str(run["ckpt"])), load_run_ranker(run["ckpt"], None, "test")):
         assert type(model) is MetricRanker
         state = model.state_dict()
         assert state.keys() == saved.keys()

@@ -1,0 +1,65 @@
+"""What a benchmark run is asked to do: plain options shared by ``eval.py`` and the Python API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from evaluation.errors import EvaluationError
+from evaluation.suite import SUITE_KINDS, Suite, SuiteError
+
+__all__ = ["BenchmarkOptions", "load_suite"]
+
+
+@dataclass
+class BenchmarkOptions:
+    """Options of a benchmark run (``eval.py``'s flags, one field each).
+
+    Attributes:
+        suite: a suite YAML path (ranking or ``kind: universal``).
+        num_samples, batch_size: override the suite's T and attack batch size.
+        devices, accelerator: processes / GPUs (``devices > 1``: DDP) and ``cpu`` / ``gpu`` / ``auto``.
+        data_config: a data config instead of each checkpoint's ``<run>/config.yaml``.
+        output_dir: where reports go instead of ``<run>/robustness/``.
+        progress: progress bars and per-configuration lines on stderr.
+        overwrite: recompute even if a finished or partial report of the same name exists.
+        sanity: run the suite's large-budget sanity checks.
+        gallery_size: transfer only: a seeded subset of X as every model's gallery.
+        should_stop: polled before every attack batch (ranking) or configuration (universal,
+            transfer); ``True`` stops the run with :class:`evaluation.EvaluationInterrupted`.
+    """
+
+    suite: str
+    num_samples: int | None = None
+    batch_size: int | None = None
+    devices: int = 1
+    accelerator: str = "auto"
+    data_config: str | None = None
+    output_dir: str | None = None
+    progress: bool = True
+    overwrite: bool = False
+    sanity: bool = True
+    gallery_size: int | None = None
+    should_stop: Callable[[], bool] | None = None
+
+    def stop_requested(self) -> bool:
+        return self.should_stop is not None and bool(self.should_stop())
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the single-process runners (universal, transfer)."""
+        use_gpu = self.accelerator in ("gpu", "auto") and torch.cuda.is_available()
+        return torch.device("cuda" if use_gpu else "cpu")
+
+
+def load_suite(options: BenchmarkOptions) -> Any:
+    """The suite of ``options.suite`` (ranking or universal) with the overrides; raise :class:`EvaluationError`."""
+    try:
+        suite = Suite.from_yaml(options.suite, kinds=SUITE_KINDS)
+        sanity = False if not options.sanity and suite.kind == "ranking" else None
+        return suite.with_overrides(num_samples=options.num_samples, batch_size=options.batch_size, sanity=sanity)
+    except SuiteError as err:
+        raise EvaluationError(str(err)) from None
