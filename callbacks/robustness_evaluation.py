@@ -82,6 +82,9 @@ class RobustnessEvaluation(pl.Callback):
             from its partial report): the first evaluation does not run them again.
         should_stop: polled before every attack batch; ``True`` stops the evaluation with
             :class:`evaluation.engine.EvaluationInterrupted` (``eval.py``: SIGINT / SIGTERM).
+        clean_metrics: rank the gallery with the engine's clean-metric function
+            (:func:`evaluation.engine.clean_metrics`, float64, the number every report family gives)
+            instead of copying the ranker's logged float32 values (``eval.py`` sets it).
 
     Attack names resolve through :data:`evaluation.registry.ATTACKS` (register new attack
     families there).
@@ -106,6 +109,7 @@ class RobustnessEvaluation(pl.Callback):
         partial_meta: dict | None = None,
         completed: Sequence[ConfigResult] = (),
         should_stop: Callable[[], bool] | None = None,
+        clean_metrics: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -116,9 +120,9 @@ class RobustnessEvaluation(pl.Callback):
             num_samples=num_samples,
             batch_size=batch_size,
             keep_examples=max(num_images, strip_queries) if log_images else 0,
-            # The ranker logs <stage>/recall@1 and <stage>/map itself; they are copied into the
-            # report in on_<stage>_end instead of ranking the gallery a second time.
-            clean_metrics=False,
+            # By default the ranker's own logged <stage>/recall@1 and <stage>/map are copied into the
+            # report in on_<stage>_end instead of ranking the gallery a second time (float32 values).
+            clean_metrics=clean_metrics,
             progress=progress,
         )
         self.every_n_epochs = every_n_epochs
@@ -205,9 +209,12 @@ class RobustnessEvaluation(pl.Callback):
         if self._pending is None or self.last_results is None:
             return
         stage, results, self._pending = self._pending, self.last_results, None
-        metrics = trainer.callback_metrics
-        keys = [k for k in ("recall@1", "map", "map@r") if f"{stage}/{k}" in metrics]
-        clean = {k: float(metrics[f"{stage}/{k}"]) for k in keys}
+        if results.clean is not None:  # computed by the engine (clean_metrics=True)
+            clean = results.clean
+        else:
+            metrics = trainer.callback_metrics
+            keys = [k for k in ("recall@1", "map", "map@r") if f"{stage}/{k}" in metrics]
+            clean = {k: float(metrics[f"{stage}/{k}"]) for k in keys}
         if not clean and trainer.is_global_zero and results.gallery is not None:
             # Not a Ranker (nothing logged): rank the gallery ourselves.
             clean = self.evaluator.clean_metrics_of(pl_module, results.gallery)

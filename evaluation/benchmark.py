@@ -272,6 +272,7 @@ def evaluate(job: Job, options: BenchmarkOptions) -> Any:
         partial_meta={"fingerprint": job.fingerprint, "checkpoint": str(job.ckpt)},
         completed=job.completed or (),
         should_stop=options.should_stop,
+        clean_metrics=True,  # the one clean-metric function of every report family
     )
     if not options.sanity:
         callback.evaluator.suite = callback.evaluator.suite.with_overrides(sanity=False)

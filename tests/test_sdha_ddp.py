@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from run_helpers import report_numbers, train_in
@@ -92,3 +93,63 @@ def test_sdha_suite_ddp_world_size_2_equals_world_size_1(tiny_dch_run, tmp_path)
         else:
             assert r["mean"] > r["clean"], name
     assert report_numbers(reports[2]) == report_numbers(reports[1])
+
+
+
+def test_the_clean_map_is_one_number_in_ranking_universal_and_transfer_reports(tmp_path):
+    """One clean-metric function (encode + code_distance, as the retrieval index ranks) in every
+    report family: for a DCH model the clean mAP of X is the same number in all three. The model is
+    trained for one step only, so that retrieval is imperfect and ranking by the relaxed codes
+    (embed) would give another number."""
+    import eval as eval_script
+    from evaluation.checkpoints import load_ranker
+
+    train_in(tmp_path, [
+        "fit", "--config", str(REPO / "configs/fashion_mnist_dch_16.yaml"), "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.logger.init_args.name", "dch", "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--model.init_args.backbone.init_args.embedding_dim", "32", "--data", "data.SyntheticDataModule",
+        "--data.batch_size", "16", "--data.samples_per_class", "4", "--data.test_per_class", "16",
+        "--data.eval_batch_size", "64", "--data.protocol", "query_database", "--data.num_queries", "24",
+        "--data.database", "test_rest", "--data.noise_std", "2.0"])
+    ckpt = str(tmp_path / "runs" / "dch" / "version_0" / "checkpoints" / "last.ckpt")
+    ranking, universal, transfer = (tmp_path / f"{n}.yaml" for n in ("ranking", "universal", "transfer"))
+    ranking.write_text("name: r\nnum_samples: 4\nsanity: false\nattacks: [{attack: CA+, epsilons: [0.1], steps: 1}]\n")
+    universal.write_text("kind: universal\nname: u\nnum_samples: 4\nattacks: [{attack: I-CA+, epsilons: [0.1], "
+                         "epochs: 1}]\n")
+    transfer.write_text("name: t\nnum_samples: 4\nattacks: [{attack: CA+, epsilons: [0.1], steps: 1}]\n")
+    common = ["--accelerator", "cpu", "--no-progress", "--output-dir", str(tmp_path / "out")]
+    (r,) = eval_script.main(["--ckpt", ckpt, "--suite", str(ranking), *common])
+    (u,) = eval_script.main(["--ckpt", ckpt, "--suite", str(universal), *common])
+    (t,) = eval_script.main(["--source", ckpt, "--ckpt", ckpt, "--suite", str(transfer), *common])
+    (t_clean,) = t["clean"].values()
+    assert r.data["clean"]["map"] == u["clean"]["map"] == t_clean["map"]
+    assert r.data["clean"]["recall@1"] == u["clean"]["recall@1"] == t_clean["recall@1"]
+
+    # Not vacuous: ranked by the continuous embeddings, the same X gives another mAP.
+    from evaluation.data import gallery_tensors
+    from evaluation.engine import clean_metrics
+
+    model = load_ranker(Path(ckpt), None, "test")
+    from data import SyntheticDataModule
+
+    dm = SyntheticDataModule(batch_size=16, samples_per_class=4, test_per_class=16, eval_batch_size=64,
+                             protocol="query_database", num_queries=24, database="test_rest", noise_std=2.0)
+    dm.setup("test")
+    images, labels = gallery_tensors(dm)
+    with torch.no_grad():
+        by_embedding = clean_metrics(model, model.embed(images), labels)  # no codes: embeddings + code_distance
+        relaxed = evaluate_relaxed(model, images, labels)
+    assert 0 < r.data["clean"]["map"] < 1
+    assert relaxed != r.data["clean"]["map"] or by_embedding["map"] != r.data["clean"]["map"]
+
+
+def evaluate_relaxed(model, images, labels) -> float:
+    """mAP of X ranked by the relaxed codes with the differentiable distance (the old universal /
+    transfer clean metric)."""
+    from retrieval.metrics import evaluate_retrieval
+
+    emb = model.embed(images)
+    return float(evaluate_retrieval(emb, labels, emb, labels, model.distance, exclude_self=True, recall_ks=(1,),
+                                    nmi=False)["map"])
