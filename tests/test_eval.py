@@ -217,3 +217,17 @@ def test_ddp_two_processes_give_the_single_process_numbers(tiny_run, tmp_path):
         reports[devices] = json.loads((out / f"{tiny_run['ckpt'].stem}.eval-test.json").read_text())
     assert reports[2]["world_size"] == 2 and reports[1]["world_size"] == 1
     assert strip_timing(reports[2]) == strip_timing(reports[1])
+
+
+def test_the_readme_python_example_runs(tiny_run, tmp_path, capsys):
+    """The README's benchmarking example, run as written on a tiny checkpoint (paths substituted)."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    snippet = snippet.replace("runs/fashion_mnist_ct/version_0/checkpoints/last.ckpt", str(tiny_run["ckpt"]))
+    snippet = snippet.replace("configs/suites/quick.yaml", str(tiny_run["suite"]))
+    snippet = snippet.replace('accelerator="cpu"', f'accelerator="cpu", output_dir={str(tmp_path)!r}, progress=False')
+    exec(compile(snippet, "README.md", "exec"), {})
+    score, path = capsys.readouterr().out.split()[-2:]
+    assert 0 <= float(score) <= 1 and Path(path) == tmp_path / f"{tiny_run['ckpt'].stem}.eval-test.json"
