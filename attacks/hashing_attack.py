@@ -59,9 +59,9 @@ from attacks.attack_trace import AttackTrace
 from attacks.gallery import Gallery
 from attacks.pgd import project_linf
 from attacks.selection import keys
+from retrieval.average_precision import average_precision
 from retrieval.hashing_metrics import hamming_distance, sign_codes
 from retrieval.index import stable_topk
-from retrieval.topk_metrics import average_precision_at_topk
 
 __all__ = ["PAPER_TANH_SCALES", "HashingAttack", "HashingAttackResult", "HashingContext", "logit_scale_factor",
            "scaled_tanh_scales"]
@@ -293,12 +293,16 @@ class HashingAttack(Attack):
 
     # ------------------------------------------------------------------------ attack
     def average_precision(self, signs: Tensor, ctx: HashingContext, rows: Tensor) -> Tensor:
-        """AP@topk ``[b]`` of query codes ``signs`` w.r.t. the goal labels (Hamming, stable ties)."""
+        """AP@topk ``[b]`` of query codes ``signs`` w.r.t. the goal labels (Hamming, stable ties).
+
+        The hashing literature's AP@topk, normalized by the relevant items among the first ``topk``
+        (:func:`retrieval.average_precision.average_precision` on the cut list, float32).
+        """
         d = hamming_distance(signs, ctx.codes)
         if ctx.excluded is not None:
             d = d.masked_fill(ctx.excluded[rows], float("inf"))
         _, ids = stable_topk(d, min(self.topk, d.shape[1]))
-        return average_precision_at_topk(ctx.relevant[rows].gather(1, ids))
+        return average_precision(ctx.relevant[rows].gather(1, ids))
 
     def _reached(self, ap: Tensor) -> Tensor:
         return ap >= self.goal_ap - 1e-6 if self.targeted else ap <= self.goal_ap + 1e-6

@@ -26,7 +26,9 @@ query against the database under SDC / ADC) and ``ap_sdc_clean`` / ``ap_adc_clea
 ``code_change`` (fraction of the M sub-codes of the query that the attack changed). On a ranker
 without codebooks (Basic only) the metrics are ``ap`` / ``ap_clean`` under ``code_distance``.
 AP is over the whole ranking by default (``topk=None``), else AP@topk (the hashing literature's
-mAP@topk); ties are broken by database index.
+mAP@topk, normalized by the relevant items among the first ``topk``); ties are broken by database
+index. Both are :func:`retrieval.average_precision.average_precision` (float32), on the ranking by
+the distances as the model returns them (no cast).
 
 Defaults are the paper's settings ("Implementations"): eps = 8/255, step 0.01, 5 iterations.
 Departures from the paper, and why:
@@ -53,7 +55,7 @@ from torch import Tensor, nn
 
 from attacks.attack import Attack, AttackResult
 from attacks.gallery import Gallery
-from retrieval.topk_metrics import average_precision_at_topk
+from retrieval.average_precision import average_precision, ranked_relevance
 
 __all__ = ["PQAGAttack", "query_average_precision"]
 
@@ -182,8 +184,9 @@ def query_average_precision(
     ``{"ap_sdc", "ap_adc"}`` -- SDC ranks by ``model.sdc_distance(model.encode(x), codes)``, ADC
     by ``model.adc_distance(model.embed(x), codes)``. Other rankers: ``{"ap"}`` under
     ``model.code_distance(model.encode(x), gallery.embeddings)``. The ranking is stable (ties by
-    database index), cut at ``topk`` when given (AP@topk,
-    :func:`retrieval.topk_metrics.average_precision_at_topk`). Also used to measure transfer:
+    database index), cut at ``topk`` when given (AP@topk, normalized by the relevant items among
+    the first ``topk``: :func:`retrieval.average_precision.average_precision`, float32). Also
+    used to measure transfer:
     adversarial queries crafted on one model, ranked by another.
     """
     features = model.embed(images) if "codebooks" in model.capabilities else None
@@ -196,11 +199,8 @@ def _average_precisions(
     """:func:`query_average_precision` from the queries' codes (and, for PQ, features)."""
     db, db_labels = gallery.embeddings, gallery.labels
 
-    def ap(distances: Tensor) -> Tensor:
-        order = torch.sort(distances, dim=1, stable=True).indices
-        if topk is not None:
-            order = order[:, :topk]
-        return average_precision_at_topk(db_labels.to(order.device)[order] == labels.to(order.device)[:, None])
+    def ap(distances: Tensor) -> Tensor:  # AP (topk=None) or AP@topk; cut before gathering labels
+        return average_precision(ranked_relevance(distances, labels, db_labels, topk=topk))
 
     if features is None:
         return {"ap": ap(model.code_distance(codes, db))}

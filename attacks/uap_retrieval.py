@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from attacks.attack import _check_nonneg_float, _check_positive_int, autograd_usable, frozen_eval
 from attacks.gallery import Gallery
 from attacks.universal_ranking_attack import ScalarImageLogger, check_schedule, perturbation_image
-from retrieval.topk_metrics import average_precision_at_topk
+from retrieval.average_precision import average_precision, ranked_relevance
 
 __all__ = ["UAPRetrieval", "UAPRetrievalResult", "resize_perturbation", "retrieval_metrics"]
 
@@ -70,17 +70,15 @@ def retrieval_metrics(
 ) -> dict[str, Tensor]:
     """Per-query AP over the whole ranking and precision at ``cutoff`` -> ``{"ap": [Q], "p@10": [Q]}``.
 
-    Ranking by ``model.distance`` (ties by gallery index, stable); with ``sample_indices`` the
-    query's own gallery entry is dropped from its ranking.
+    Ranking by ``model.distance`` in float32 (ties by gallery index, stable); with
+    ``sample_indices`` the query's own gallery entry is dropped from its ranking. AP is the
+    full-ranking AP of UAP-IR's mAP (:func:`retrieval.average_precision.average_precision`,
+    ``k=None``, float32).
     """
     d = model.distance(query_embeddings, gallery.embeddings).float()  # [Q, N]
-    order = torch.sort(d, dim=1, stable=True).indices
-    relevant = gallery.labels.to(order.device)[order] == query_labels.to(order.device)[:, None]
-    if sample_indices is not None:
-        keep = order != sample_indices.to(order.device)[:, None]  # exactly one False per row
-        relevant = relevant[keep].view(order.shape[0], order.shape[1] - 1)
+    relevant = ranked_relevance(d, query_labels, gallery.labels, exclude_index=sample_indices)
     k = min(cutoff, relevant.shape[1])
-    return {"ap": average_precision_at_topk(relevant), f"p@{cutoff}": relevant[:, :k].float().mean(1)}
+    return {"ap": average_precision(relevant), f"p@{cutoff}": relevant[:, :k].float().mean(1)}
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor
 
 from retrieval.index import RetrievalIndex, TorchFlatIndex
-from retrieval.metrics import RetrievalMetrics
+from retrieval.retrieval_metrics import RetrievalMetrics
 
 
 class Ranker(pl.LightningModule):

@@ -1,7 +1,29 @@
-"""Retrieval evaluation: ranking/clustering metrics and exact search indexes."""
+"""Retrieval evaluation: ranking/clustering metrics and exact search indexes.
 
-# Import order matters: ``metrics`` re-exports ``RetrievalMetrics`` from ``retrieval_metrics``,
-# which itself imports functions from ``metrics``; importing ``metrics`` first resolves the cycle.
+Flat re-exports of the package's public names. The modules import in one direction only (no
+cycles, so the order below is free; checked by ``tests/test_retrieval_imports.py``):
+
+- ``average_precision``: functional AP (full ranking, AP@k, AP@R) and stable ranking; imports
+  nothing from the package. Every metric and attack that needs AP calls it.
+- ``metrics`` (Recall@k, mAP, MAP@R, NMI; query set = gallery) and ``topk_metrics`` (query /
+  database mAP@topk, PR curves) import it; ``retrieval_metrics`` (the ``torchmetrics`` class)
+  imports ``metrics``; ``hashing_metrics`` imports ``topk_metrics``.
+- search: ``index``, ``hamming_index`` (imports ``hashing_metrics``), ``pq_search``, ``pq_index``.
+"""
+
+from retrieval.average_precision import average_precision, average_precisions, ranked_relevance, stable_ranking
+from retrieval.hamming_index import HammingIndex
+from retrieval.hashing_metrics import (
+    evaluate_hashing,
+    hamming_distance,
+    hamming_pr_curve,
+    map_within_hamming_radius,
+    pack_codes,
+    packed_hamming_distance,
+    sign_codes,
+    unpack_codes,
+)
+from retrieval.index import FaissFlatIndex, RetrievalIndex, TorchFlatIndex, faiss_gpu_available, stable_topk
 from retrieval.metrics import (
     deduplicate_by_index,
     evaluate_retrieval,
@@ -12,46 +34,38 @@ from retrieval.metrics import (
     rank_gallery,
     recall_at_k,
 )
+from retrieval.pq_index import PQIndex, faiss_pq_supported, pack_pq_codes
+from retrieval.pq_search import adc_distance, decode_codes, sdc_distance, sdc_table
 from retrieval.retrieval_metrics import RetrievalMetrics
-from retrieval.index import (
-    FaissFlatIndex,
-    RetrievalIndex,
-    TorchFlatIndex,
-    faiss_gpu_available,
-    stable_topk,
+from retrieval.topk_metrics import (
+    average_precision_at_topk,
+    evaluate_query_database,
+    map_at_topk,
+    precision_recall_at_cutoffs,
 )
 
 __all__ = [
-    "FaissFlatIndex",
-    "RetrievalIndex",
+    # functional average precision and stable ranking (retrieval.average_precision)
+    "average_precision",
+    "average_precisions",
+    "ranked_relevance",
+    "stable_ranking",
+    # query set = gallery metrics (retrieval.metrics) and their torchmetrics class
     "RetrievalMetrics",
-    "TorchFlatIndex",
     "deduplicate_by_index",
     "evaluate_retrieval",
-    "faiss_gpu_available",
     "kmeans_nmi",
     "map_at_r",
     "mean_average_precision",
     "normalized_mutual_info",
     "rank_gallery",
     "recall_at_k",
-    "stable_topk",
-]
-
-# Hamming search and hashing metrics (docs/dch.md)
-from retrieval.hamming_index import HammingIndex  # noqa: E402
-from retrieval.hashing_metrics import (  # noqa: E402
-    evaluate_hashing,
-    hamming_distance,
-    hamming_pr_curve,
-    map_within_hamming_radius,
-    pack_codes,
-    packed_hamming_distance,
-    sign_codes,
-    unpack_codes,
-)
-
-__all__ += [
+    # query / database metrics of the hashing and quantization literature (retrieval.topk_metrics)
+    "average_precision_at_topk",
+    "evaluate_query_database",
+    "map_at_topk",
+    "precision_recall_at_cutoffs",
+    # Hamming search and hashing metrics (docs/dch.md)
     "HammingIndex",
     "evaluate_hashing",
     "hamming_distance",
@@ -61,21 +75,18 @@ __all__ += [
     "packed_hamming_distance",
     "sign_codes",
     "unpack_codes",
+    # exact search indexes (retrieval.index)
+    "FaissFlatIndex",
+    "RetrievalIndex",
+    "TorchFlatIndex",
+    "faiss_gpu_available",
+    "stable_topk",
+    # product-quantization search, SDC / ADC (docs/dpqn.md)
+    "PQIndex",
+    "adc_distance",
+    "decode_codes",
+    "faiss_pq_supported",
+    "pack_pq_codes",
+    "sdc_distance",
+    "sdc_table",
 ]
-
-# Product-quantization search, SDC / ADC (docs/dpqn.md)
-from retrieval.pq_index import PQIndex, faiss_pq_supported, pack_pq_codes  # noqa: E402
-from retrieval.pq_search import adc_distance, decode_codes, sdc_distance, sdc_table  # noqa: E402
-
-__all__ += ["PQIndex", "adc_distance", "decode_codes", "faiss_pq_supported", "pack_pq_codes", "sdc_distance",
-            "sdc_table"]
-
-# Query / database metrics of the hashing and quantization literature
-from retrieval.topk_metrics import (  # noqa: E402
-    average_precision_at_topk,
-    evaluate_query_database,
-    map_at_topk,
-    precision_recall_at_cutoffs,
-)
-
-__all__ += ["average_precision_at_topk", "evaluate_query_database", "map_at_topk", "precision_recall_at_cutoffs"]

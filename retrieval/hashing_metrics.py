@@ -8,7 +8,8 @@ broken by database index (stable), as everywhere in :mod:`retrieval`.
 - ``mAP@topk`` / mAP over the whole ranking: :mod:`retrieval.topk_metrics` (not re-implemented).
 - ``mAP@H<=r`` (DCH Sec. 4, "MAP@H<=2"): the AP of the list of database items within Hamming
   radius ``r`` of the query, ranked by distance; a query that retrieves no relevant item in the
-  ball scores 0.
+  ball scores 0 (:func:`retrieval.average_precision.average_precision`, ``k=None``, on the
+  relevance masked to the ball, float32).
 - precision / recall within Hamming radius ``r`` for ``r = 0..K`` (the hashing PR curve), and
   precision within radius 2.
 """
@@ -20,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from retrieval.topk_metrics import average_precision_at_topk, evaluate_query_database
+from retrieval.average_precision import average_precision
+from retrieval.topk_metrics import evaluate_query_database
 
 __all__ = [
     "evaluate_hashing",
@@ -95,7 +97,7 @@ def map_within_hamming_radius(
     inside = order.values <= radius + 1e-6
     relevant = (database_labels.to(order.indices.device)[order.indices]
                 == query_labels.to(order.indices.device)[:, None]) & inside
-    return average_precision_at_topk(relevant)
+    return average_precision(relevant)
 
 
 def hamming_pr_curve(

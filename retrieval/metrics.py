@@ -12,8 +12,11 @@ Conventions shared by every function here:
 - Queries without any relevant gallery item contribute 0 to mAP and MAP@R (and a miss to
   Recall@k) instead of being dropped, so the denominator is always the number of queries.
 
-The class wrapper :class:`RetrievalMetrics` (a ``torchmetrics.Metric``) lives in
-:mod:`retrieval.retrieval_metrics` and is re-exported at the bottom of this module.
+Average precision itself (mAP: ``k=None``, MAP@R: ``k="R"``, accumulated in float64) and the
+stable ranking come from :mod:`retrieval.average_precision`. The class wrapper
+:class:`RetrievalMetrics` (a ``torchmetrics.Metric``) lives in :mod:`retrieval.retrieval_metrics`,
+which imports this module; this module never imports it (import it from there or from
+:mod:`retrieval`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from retrieval.average_precision import average_precisions, stable_ranking
+
 __all__ = [
-    "RetrievalMetrics",
     "deduplicate_by_index",
     "evaluate_retrieval",
     "kmeans_nmi",
@@ -75,26 +79,17 @@ def _rank_chunk(distances: Tensor, self_offset: int | None) -> Tensor:
     """Ranking of a chunk of queries; with ``self_offset`` query ``j`` of the chunk is gallery
     item ``self_offset + j`` and is removed from its row."""
     if self_offset is None:
-        return torch.sort(distances, dim=1, stable=True).indices
-    num_q, num_n = distances.shape
-    rows = torch.arange(num_q, device=distances.device)
-    self_idx = rows + self_offset
-    # Push the self entry to +inf (out of place: the chunk may be a view of the caller's
-    # matrix) so the stable sort usually puts it last and dropping the last column removes it.
-    pushed = distances.index_put((rows, self_idx), torch.tensor(float("inf"), device=distances.device))
-    order = torch.sort(pushed, dim=1, stable=True).indices
-    if bool((order[:, -1] == self_idx).all()):
-        return order[:, :-1]
-    # Some row has other +inf entries of higher gallery index after the self entry: remove it
-    # by a mask instead (boolean indexing keeps each row's ranking order).
-    keep = order != self_idx[:, None]
-    return order[keep].view(num_q, num_n - 1)
+        return stable_ranking(distances)
+    self_idx = torch.arange(distances.shape[0], device=distances.device) + self_offset
+    return stable_ranking(distances, exclude_index=self_idx)
 
 
 def _relevance_stats(relevant: Tensor, ks: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Per-query statistics of a ``[C, N']`` boolean relevance matrix in ranking order.
 
-    Returns ``(hits [C, len(ks)] bool, ap [C] float64, ap_at_r [C] float64)``.
+    Returns ``(hits [C, len(ks)] bool, ap [C] float64, ap_at_r [C] float64)``: Recall@k hits, AP
+    over the whole ranking and AP@R (:func:`retrieval.average_precision.average_precision` with
+    ``k=None`` and ``k="R"``, float64 accumulation).
     """
     num_q, num_n = relevant.shape
     device = relevant.device
@@ -102,20 +97,12 @@ def _relevance_stats(relevant: Tensor, ks: Sequence[int]) -> tuple[Tensor, Tenso
         zeros = torch.zeros(num_q, dtype=torch.float64, device=device)
         return torch.zeros(num_q, len(ks), dtype=torch.bool, device=device), zeros, zeros.clone()
 
-    cum = relevant.cumsum(dim=1, dtype=torch.int32)  # relevant items within the first i
-    num_rel = cum[:, -1]
-    # Leading non-relevant positions = 0-based rank of the first hit; pushed past every k when
+    # 0-based rank of the first hit (argmax returns the first maximum); pushed past every k when
     # there is no relevant item (a k larger than N' must not count it as a hit).
-    first_hit = torch.where(num_rel > 0, (cum == 0).sum(dim=1), torch.iinfo(torch.int64).max)
+    first_hit = torch.where(relevant.any(dim=1), relevant.to(torch.uint8).argmax(dim=1),
+                            torch.iinfo(torch.int64).max)
     hits = first_hit[:, None] < torch.as_tensor(list(ks), device=device)[None, :]
-
-    ranks = torch.arange(1, num_n + 1, device=device, dtype=torch.float32)
-    # P(i) * rel(i); float32 is exact enough per entry, the sums are accumulated in float64.
-    prec_at_rel = torch.where(relevant, cum.to(torch.float32) / ranks, 0.0)
-    denom = num_rel.clamp(min=1).to(torch.float64)
-    ap = prec_at_rel.sum(dim=1, dtype=torch.float64) / denom
-    within_r = ranks[None, :] <= num_rel[:, None]
-    ap_at_r = (prec_at_rel * within_r).sum(dim=1, dtype=torch.float64) / denom
+    ap, ap_at_r = average_precisions(relevant, (None, "R"), dtype=torch.float64)
     return hits, ap, ap_at_r
 
 
@@ -413,8 +400,3 @@ def deduplicate_by_index(indices: Tensor, *values: Tensor) -> tuple[Tensor, ...]
     first[1:] = sorted_idx[1:] != sorted_idx[:-1]
     keep = order[first]
     return (indices[keep], *(v[keep.to(v.device)] for v in values))
-
-
-# Re-export of the class wrapper. Placed last because retrieval_metrics imports the functions
-# above; the package __init__ imports this module first, so the cycle always resolves.
-from retrieval.retrieval_metrics import RetrievalMetrics  # noqa: E402

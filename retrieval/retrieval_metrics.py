@@ -4,6 +4,10 @@ Why not torchmetrics' own retrieval metrics: they score each (query, item) pair 
 *similarity* and treat non-positive scores as irrelevant, need the full pair list, and have no
 notion of "query set = gallery" with self exclusion. Here the states are the raw codes, and the
 ranking is recomputed from the distance callable at :meth:`RetrievalMetrics.compute` time.
+
+Import direction (torchmetrics style): this class module imports the functional
+:mod:`retrieval.metrics` (whose AP comes from :mod:`retrieval.average_precision`); neither imports
+it back.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ ascending distance with ties broken by database index (stable), as in :mod:`retr
 
 - ``mAP@topk`` (DCH, HashNet, PQN, SDHA evaluations): ``AP@k = (1 / R_k) sum_{i <= k} P(i) rel(i)``
   with ``R_k`` the number of relevant items among the first ``k`` (``AP = 0`` when ``R_k = 0``);
-  ``topk = None`` ranks the whole database (then ``R_k`` is the number of relevant items).
+  ``topk = None`` ranks the whole database (then ``R_k`` is the number of relevant items). This is
+  :func:`retrieval.average_precision.average_precision` with ``k=topk``, float32 accumulation.
 - precision / recall at ranking cut-offs, averaged over queries (the precision-recall curves).
 """
 
@@ -16,25 +17,25 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from retrieval.average_precision import average_precision, average_precisions, ranked_relevance
+
+__all__ = ["average_precision_at_topk", "evaluate_query_database", "map_at_topk", "precision_recall_at_cutoffs"]
+
 Distance = Callable[[Tensor, Tensor], Tensor]
 
 
 def _sorted_relevance(distances: Tensor, query_labels: Tensor, database_labels: Tensor, topk: int | None) -> Tensor:
-    """``[Q, k]`` boolean relevance of each query's ranking (stable on ties), cut at ``topk``."""
-    order = torch.sort(distances.float(), dim=1, stable=True).indices
-    if topk is not None:
-        order = order[:, :topk]
-    return database_labels.to(order.device)[order] == query_labels.to(order.device)[:, None]
+    """``[Q, k]`` boolean relevance of each query's ranking by float32 distance (stable on ties), cut at ``topk``."""
+    return ranked_relevance(distances.float(), query_labels, database_labels, topk=topk)
 
 
 def average_precision_at_topk(relevant: Tensor) -> Tensor:
-    """Per-query AP over the given (already cut) ranking ``relevant [Q, k]`` -> ``[Q]``."""
-    rel = relevant.float()
-    hits = rel.cumsum(dim=1)
-    positions = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=rel.dtype)
-    found = hits[:, -1]
-    ap = (hits / positions * rel).sum(dim=1) / found.clamp_min(1.0)
-    return torch.where(found > 0, ap, torch.zeros_like(ap))
+    """Per-query AP over the given (already cut) ranking ``relevant [Q, k]`` -> float32 ``[Q]``.
+
+    ``(1 / R_k) sum_i P(i) rel(i)`` with ``R_k`` the relevant items in the list (0 when there is
+    none): :func:`retrieval.average_precision.average_precision` with ``k=None``, float32.
+    """
+    return average_precision(relevant)
 
 
 def map_at_topk(distances: Tensor, query_labels: Tensor, database_labels: Tensor, topk: int | None = None) -> float:
@@ -79,8 +80,8 @@ def evaluate_query_database(
         d = distance(query_codes[start : start + chunk_size], database_codes)
         labels = query_labels[start : start + chunk_size]
         full = _sorted_relevance(d, labels, database_labels, None)
-        for k in topks:
-            sums[k] += float(average_precision_at_topk(full if k is None else full[:, :k]).sum())
+        for k, ap in zip(topks, average_precisions(full, list(topks))):  # one pass over the ranking, every cut
+            sums[k] += float(ap.sum())
         if pr_cutoffs:
             p, r = precision_recall_at_cutoffs(d, labels, database_labels, pr_cutoffs)
             precision += p.cpu() * len(labels)

@@ -11,7 +11,6 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from retrieval import RetrievalMetrics as PackageRetrievalMetrics
 from retrieval.metrics import (
-    RetrievalMetrics,
     deduplicate_by_index,
     evaluate_retrieval,
     kmeans_nmi,
@@ -21,6 +20,7 @@ from retrieval.metrics import (
     rank_gallery,
     recall_at_k,
 )
+from retrieval.retrieval_metrics import RetrievalMetrics
 
 
 def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -263,7 +263,11 @@ def test_kmeans_nmi_separated_clusters_and_determinism() -> None:
 
 # ----------------------------------------------------------------------- torchmetrics wrapper
 def test_retrieval_metrics_import_paths() -> None:
+    import retrieval.metrics
+
     assert RetrievalMetrics is PackageRetrievalMetrics
+    # the functional module does not know the class (imports go one way: class -> functional)
+    assert not hasattr(retrieval.metrics, "RetrievalMetrics")
 
 
 def _feed(metric: RetrievalMetrics, codes, labels, order: torch.Tensor, batch: int) -> None:
