@@ -124,10 +124,13 @@ class Attack:
     Class attributes:
         name: short name used in reports and as the RNG stream ("CA+", "QA-", "ES").
         needs: capabilities (``model.capabilities``) the attack requires.
+        needs_query_labels: whether ``query_labels`` must be passed (query / database protocol).
     """
 
     name: ClassVar[str] = "attack"
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: the attack measures against a database and needs the attacked queries' labels
+    needs_query_labels: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -172,20 +175,37 @@ class Attack:
             )
 
     def __call__(
-        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor
+        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+        query_labels: Tensor | None = None,
     ) -> AttackResult:
-        """Attack ``images`` (the gallery members ``sample_indices``) against ``gallery``."""
+        """Attack ``images`` against ``gallery``: the one call signature of every per-sample attack.
+
+        ``sample_indices`` are the attacked samples' indices (gallery members under the ECCV
+        protocol, query-set indices under the query / database protocol); ``query_labels [B]`` are
+        the queries' labels, which attacks of the query / database protocol need
+        (:attr:`needs_query_labels`) and the others ignore.
+        """
         self.check_applicable(model)
         sample_indices = self._validate_inputs(gallery, images, sample_indices)
+        if query_labels is not None:
+            query_labels = torch.as_tensor(query_labels)
+            if query_labels.shape != (images.shape[0],):
+                raise ValueError(f"query_labels must be [B={images.shape[0]}], got shape {tuple(query_labels.shape)}")
+        elif self.needs_query_labels:
+            raise ValueError(f"{self.name} measures AP against a database: pass query_labels=<the attacked "
+                             "queries' labels [B]>")
         with torch.inference_mode(False), torch.enable_grad(), frozen_eval(model):
             images = autograd_usable(images)
             sample_indices = autograd_usable(sample_indices).to(images.device)
             embeddings = autograd_usable(gallery.embeddings).to(images.device)
             gallery = Gallery(embeddings, autograd_usable(gallery.labels))
-            return self.perturb(model, gallery, images, sample_indices)
+            if query_labels is not None:
+                query_labels = autograd_usable(query_labels).to(images.device)
+            return self.perturb(model, gallery, images, sample_indices, query_labels)
 
     def perturb(
-        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor
+        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+        query_labels: Tensor | None = None,
     ) -> AttackResult:
         """The attack proper; runs inside the lifecycle (eval, frozen, grad enabled)."""
         raise NotImplementedError

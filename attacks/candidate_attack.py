@@ -84,7 +84,8 @@ class CandidateAttack(Attack):
         return top_percent_targets(self.seed, sample_indices, d_c, self.w, self.percent, stream=self.name)
 
     def perturb(
-        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor
+        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+        query_labels: Tensor | None = None,
     ) -> AttackResult:
         with torch.no_grad():
             queries = self.select_queries(gallery, model, sample_indices)  # [B, w]

@@ -212,7 +212,6 @@ class HashingAttack(Attack):
         elif target_label is not None:
             raise ValueError(f"{type(self).__name__} is untargeted; target_label must be None, got {target_label!r}")
         self.target_label = target_label
-        self._query_labels: Tensor | None = None
 
     # ------------------------------------------------------------------ description
     @property
@@ -224,24 +223,11 @@ class HashingAttack(Attack):
                 "goal_ap": self.goal_ap}
 
     # -------------------------------------------------------------------- lifecycle
-    def __call__(  # type: ignore[override]
-        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
-        query_labels: Tensor | None = None,
-    ) -> HashingAttackResult:
-        """Attack the queries ``images`` (indices ``sample_indices``, labels ``query_labels``)."""
-        self.check_applicable(model)
+    def check_applicable(self, model: nn.Module) -> None:
+        """``hash_bits`` (the declared capability) and the ``hash_logits`` the attack differentiates."""
+        super().check_applicable(model)
         if not callable(getattr(model, "hash_logits", None)):
             raise NotApplicableError(f"{self.name} needs model.hash_logits(x), which {type(model).__name__} lacks")
-        if query_labels is not None:
-            query_labels = torch.as_tensor(query_labels)
-            if query_labels.shape != (images.shape[0],):
-                raise ValueError(f"query_labels must be [B={images.shape[0]}], got shape {tuple(query_labels.shape)}")
-        # perturb() has the base signature; the labels ride along for the duration of the call.
-        self._query_labels = query_labels
-        try:
-            return super().__call__(model, gallery, images, sample_indices)  # type: ignore[return-value]
-        finally:
-            self._query_labels = None
 
     def tanh_scale(self, step: int) -> float:
         """gamma at iteration ``step`` (0-based) of the schedule."""
@@ -307,7 +293,8 @@ class HashingAttack(Attack):
     def _reached(self, ap: Tensor) -> Tensor:
         return ap >= self.goal_ap - 1e-6 if self.targeted else ap <= self.goal_ap + 1e-6
 
-    def _context(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor) -> HashingContext:
+    def _context(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+                 query_labels: Tensor | None) -> HashingContext:
         device = images.device
         codes = sign_codes(gallery.embeddings.to(device).float())
         bits = getattr(model, "hash_bits", None)
@@ -316,11 +303,11 @@ class HashingAttack(Attack):
                              "build the gallery with model.encode(database images)")
         db_labels = gallery.labels.to(device)
         excluded = None
-        if self._query_labels is None:  # gallery protocol: queries are gallery members
+        if query_labels is None:  # gallery protocol: queries are gallery members
             query_labels = db_labels[sample_indices]
             excluded = torch.arange(len(gallery), device=device)[None, :] == sample_indices[:, None]
         else:
-            query_labels = self._query_labels.to(device)
+            query_labels = query_labels.to(device)
         goal = self.goal_labels(query_labels, Gallery(codes, db_labels), sample_indices)
         relevant = db_labels[None, :] == goal[:, None]
         if excluded is not None:
@@ -329,8 +316,9 @@ class HashingAttack(Attack):
             clean_codes = sign_codes(model.hash_logits(images))
         return HashingContext(codes, relevant, excluded, clean_codes, goal, sample_indices)
 
-    def perturb(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor) -> HashingAttackResult:
-        ctx = self._context(model, gallery, images, sample_indices)
+    def perturb(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+                query_labels: Tensor | None = None) -> HashingAttackResult:
+        ctx = self._context(model, gallery, images, sample_indices, query_labels)
         return self._optimize(model, images, ctx, self.prepare(ctx))
 
     def _optimize(self, model: nn.Module, images: Tensor, ctx: HashingContext,

@@ -98,7 +98,8 @@ class MaxShiftAttack(Attack):
         super().__init__(eps, alpha=alpha, steps=steps, random_start=random_start, seed=seed)
 
     def perturb(
-        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor
+        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+        query_labels: Tensor | None = None,
     ) -> AttackResult:
         with torch.no_grad():
             clean = model.embed(images)

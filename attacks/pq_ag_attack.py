@@ -101,11 +101,12 @@ class PQAGAttack(Attack):
         self.variant = variant
         self.temperature = None if temperature is None else float(temperature)
         self.topk = topk
-        self._query_labels: Tensor | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return _NAMES[self.variant]
+
+    needs_query_labels = True
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -114,25 +115,6 @@ class PQAGAttack(Attack):
     @property
     def hparams(self) -> dict:
         return {**super().hparams, "variant": self.variant, "temperature": self.temperature, "topk": self.topk}
-
-    def __call__(  # type: ignore[override]
-        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
-        *, query_labels: Tensor | None = None,
-    ) -> AttackResult:
-        """Attack the queries ``images`` (query-set indices ``sample_indices``, labels
-        ``query_labels [B]``) against the database ``gallery`` (codes from ``model.encode``)."""
-        self.check_applicable(model)  # not-applicable before bad-input errors
-        if query_labels is None:
-            raise ValueError(f"{self.name} measures AP against the database: pass query_labels=<the attacked "
-                             "queries' labels [B]>")
-        query_labels = torch.as_tensor(query_labels)
-        if query_labels.shape != (images.shape[0],):
-            raise ValueError(f"query_labels must be [B={images.shape[0]}], got shape {tuple(query_labels.shape)}")
-        self._query_labels = query_labels  # read by perturb() inside the base-class lifecycle
-        try:
-            return super().__call__(model, gallery, images, sample_indices)
-        finally:
-            self._query_labels = None
 
     # ------------------------------------------------------------------ losses
     def _loss(self, model: nn.Module, images: Tensor):
@@ -155,9 +137,11 @@ class PQAGAttack(Attack):
 
         return loss
 
-    def perturb(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor) -> AttackResult:
-        labels = self._query_labels
-        assert labels is not None, "call the attack, not perturb()"
+    def perturb(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+                query_labels: Tensor | None = None) -> AttackResult:
+        """Attack the queries ``images`` (query-set indices ``sample_indices``, labels ``query_labels``)
+        against the database ``gallery`` (codes from ``model.encode``)."""
+        labels = query_labels
         adversarial = self.pgd(self._loss(model, images), images, sample_indices)
         with torch.no_grad():  # one encode (+ one embed for PQ) per image set, shared by AP and code_change
             adv_codes, clean_codes = model.encode(adversarial), model.encode(images)

@@ -119,7 +119,8 @@ class QueryAttack(Attack):
         return cands, nearest_excluding(d_q, self.G, exclude=not_sp)
 
     def perturb(
-        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor
+        self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+        query_labels: Tensor | None = None,
     ) -> AttackResult:
         n = len(gallery)
         with torch.no_grad():

@@ -131,8 +131,9 @@ class SDHAAttack(HashingAttack):
         alpha = lagrange / f.shape[1]
         return torch.linalg.vector_norm(delta.flatten(1), dim=1) + alpha * f_value
 
-    def perturb(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor) -> HashingAttackResult:
-        ctx = self._context(model, gallery, images, sample_indices)
+    def perturb(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
+                query_labels: Tensor | None = None) -> HashingAttackResult:
+        ctx = self._context(model, gallery, images, sample_indices, query_labels)
         consts = self.prepare(ctx)
         batch, device = images.shape[0], images.device
         lagrange = torch.full((batch,), self.lagrange, device=device)

@@ -86,7 +86,7 @@ def test_state_restored_when_the_attack_fails() -> None:
     class Broken(Attack):
         name = "broken"
 
-        def perturb(self, model, gallery, images, sample_indices):
+        def perturb(self, model, gallery, images, sample_indices, query_labels=None):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -140,7 +140,7 @@ def test_capabilities_and_not_applicable() -> None:
         name = "needs-codebooks"
         needs: ClassVar[frozenset[str]] = frozenset({"codebooks"})
 
-        def perturb(self, model, gallery, images, sample_indices):
+        def perturb(self, model, gallery, images, sample_indices, query_labels=None):
             return AttackResult(images, torch.zeros_like(images))
 
     model, x, gallery = _setup()
