@@ -17,22 +17,22 @@ are in :mod:`evaluation` (docs/evaluation.md).
 """
 
 from attacks.attack import Attack, AttackResult, NotApplicableError, frozen_eval
-from attacks.attack_trace import AttackTrace
-from attacks.candidate_attack import CandidateAttack
-from attacks.dhta_attack import DHTAAttack
+from attacks.hashing.attack_trace import AttackTrace
+from attacks.ranking.candidate_attack import CandidateAttack
+from attacks.hashing.dhta_attack import DHTAAttack
 from attacks.gallery import Gallery
-from attacks.hag_attack import HAGAttack
-from attacks.hashing_attack import HashingAttack, HashingAttackResult, logit_scale_factor
-from attacks.max_shift_attack import MaxShiftAttack, embedding_shift, max_shift_perturb
+from attacks.hashing.hag_attack import HAGAttack
+from attacks.hashing.hashing_attack import HashingAttack, HashingAttackResult, logit_scale_factor
+from attacks.ranking.max_shift_attack import MaxShiftAttack, embedding_shift, max_shift_perturb
 from attacks.pgd import eccv_step_rules, pgd_linf, project_linf
-from attacks.pq_ag_attack import PQAGAttack, query_average_precision
-from attacks.query_attack import QueryAttack
+from attacks.quantization.pq_ag_attack import PQAGAttack, query_average_precision
+from attacks.ranking.query_attack import QueryAttack
 from attacks.ranks import normalized_rank
-from attacks.sdha_attack import SDHAAttack
+from attacks.hashing.sdha_attack import SDHAAttack
 from attacks.selection import keyed_uniform, keys, nearest_excluding, random_targets, top_percent_targets
 from attacks.transfer import TransferResult, transfer_attack, transfer_markdown, transfer_matrix
-from attacks.uap_retrieval import UAPRetrieval, UAPRetrievalResult, resize_perturbation
-from attacks.universal_ranking_attack import (
+from attacks.universal.uap_retrieval import UAPRetrieval, UAPRetrievalResult, resize_perturbation
+from attacks.universal.universal_ranking_attack import (
     UniversalRankingAttack,
     UniversalRankingResult,
     check_schedule,

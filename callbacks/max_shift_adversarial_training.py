@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from attacks.attack import frozen_eval
-from attacks.max_shift_attack import embedding_shift, max_shift_perturb
+from attacks.ranking.max_shift_attack import embedding_shift, max_shift_perturb
 from attacks.pgd import eccv_step_rules
 
 __all__ = ["MaxShiftAdversarialTraining"]

@@ -26,16 +26,16 @@ from typing import Literal
 from typing import Any
 
 from attacks.attack import Attack
-from attacks.candidate_attack import CandidateAttack
-from attacks.dhta_attack import DHTAAttack
-from attacks.hag_attack import HAGAttack
-from attacks.hashing_attack import scaled_tanh_scales
-from attacks.max_shift_attack import MaxShiftAttack
-from attacks.pq_ag_attack import PQAGAttack
-from attacks.query_attack import QueryAttack
-from attacks.sdha_attack import SDHAAttack
-from attacks.uap_retrieval import UAPRetrieval
-from attacks.universal_ranking_attack import UniversalRankingAttack
+from attacks.ranking.candidate_attack import CandidateAttack
+from attacks.hashing.dhta_attack import DHTAAttack
+from attacks.hashing.hag_attack import HAGAttack
+from attacks.hashing.hashing_attack import scaled_tanh_scales
+from attacks.ranking.max_shift_attack import MaxShiftAttack
+from attacks.quantization.pq_ag_attack import PQAGAttack
+from attacks.ranking.query_attack import QueryAttack
+from attacks.hashing.sdha_attack import SDHAAttack
+from attacks.universal.uap_retrieval import UAPRetrieval
+from attacks.universal.universal_ranking_attack import UniversalRankingAttack
 
 __all__ = ["ATTACKS", "AttackEntry", "AttackRegistry", "COMMON_OPTIONS", "HASHING_METRICS", "PQ_AG_METRICS",
            "SDHA_METRICS", "UAP_METRICS", "UNIVERSAL_ATTACKS", "did_you_mean"]
@@ -248,7 +248,7 @@ ATTACKS.register("ES", _max_shift_attack, metric="shift", metrics=("shift",),
 # ``early_stop``, ``goal_ap``, ``target_label``); the common ``alpha`` is the step size (``lr``); ``random_start`` must be false
 # (the attacks start at the clean query, as the paper). ``tanh_scale_factor`` (> 0) multiplies the
 # paper's gamma schedule: a per-model constant for hash layers whose logits are far from the scale
-# the schedule assumes (:func:`attacks.hashing_attack.logit_scale_factor`; ``scripts/sdha_tables.py
+# the schedule assumes (:func:`attacks.hashing.hashing_attack.logit_scale_factor`; ``scripts/sdha_tables.py
 # --tanh-scale-factor auto`` prints it per model).
 HASHING_METRICS = ("ap", "ap_clean", "l2", "l2_at_target", "success", "iterations")
 SDHA_METRICS = (*HASHING_METRICS, "lagrange", "search_iterations")
@@ -310,7 +310,7 @@ ATTACKS.register("DHTA", _dhta, options=_COMMON | {"n_f", "target_label"}, **_HA
 # The PQ-AG attacks in the evaluation engine's registry (this registry).
 #
 # Suite names (``configs/suites/pqag_table.yaml``): ``PQ-AG:Basic``, ``PQ-AG:APD``, ``PQ-AG:AOD``
-# (Feng et al., AAAI 2020, Eqs. 3, 8, 9; :class:`attacks.pq_ag_attack.PQAGAttack`). They run under
+# (Feng et al., AAAI 2020, Eqs. 3, 8, 9; :class:`attacks.quantization.pq_ag_attack.PQAGAttack`). They run under
 # the query / database protocol: the engine attacks the first T of a seeded permutation of the
 # query set against the database's hard PQ codes (``model.encode``) and passes ``query_labels``.
 #

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from attacks.candidate_attack import CandidateAttack
+from attacks.ranking.candidate_attack import CandidateAttack
 from attacks.gallery import Gallery
-from attacks.query_attack import QueryAttack
+from attacks.ranking.query_attack import QueryAttack
 from attacks.transfer import embed_all, transfer_attack, transfer_markdown
 from data import RetrievalDataModule
 from evaluation.checkpoints import instantiate, load_ranker, run_config, run_dir

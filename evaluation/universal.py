@@ -18,8 +18,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from attacks.gallery import Gallery
 from attacks.transfer import embed_all
-from attacks.uap_retrieval import UAPRetrieval
-from attacks.universal_ranking_attack import fit_unseen_split
+from attacks.universal.uap_retrieval import UAPRetrieval
+from attacks.universal.universal_ranking_attack import fit_unseen_split
 from evaluation.data import check_embeddings, check_images, encode_all, gallery_tensors
 from evaluation.engine import EvaluationInterrupted, clean_metrics
 from evaluation.errors import EvaluationError, one_line

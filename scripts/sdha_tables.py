@@ -36,7 +36,7 @@ import torch
 
 from sdha_common import encode_set, images_of, load_run  # noqa: I001  (sets up sys.path)
 from attacks import AttackTrace, DHTAAttack, Gallery, HAGAttack, HashingAttack, SDHAAttack
-from attacks.hashing_attack import logit_scale_factor, scaled_tanh_scales
+from attacks.hashing.hashing_attack import logit_scale_factor, scaled_tanh_scales
 
 UNTARGETED = ("SDHA", "SDHA-UW", "HAG")
 TARGETED = ("SDHA-T", "SDHA-UW-T", "DHTA")

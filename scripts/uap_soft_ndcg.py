@@ -9,8 +9,8 @@ import torch
 import eval as ev
 from attacks.gallery import Gallery
 from attacks.transfer import embed_all
-from attacks.uap_retrieval import UAPRetrieval
-from attacks.universal_ranking_attack import fit_unseen_split
+from attacks.universal.uap_retrieval import UAPRetrieval
+from attacks.universal.universal_ranking_attack import fit_unseen_split
 from data import RetrievalDataModule
 
 torch.set_num_threads(1)

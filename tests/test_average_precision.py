@@ -197,9 +197,9 @@ AP_CALLERS = [
     "retrieval/metrics.py",
     "retrieval/topk_metrics.py",
     "retrieval/hashing_metrics.py",
-    "attacks/pq_ag_attack.py",
-    "attacks/uap_retrieval.py",
-    "attacks/hashing_attack.py",
+    "attacks/quantization/pq_ag_attack.py",
+    "attacks/universal/uap_retrieval.py",
+    "attacks/hashing/hashing_attack.py",
 ]
 
 

@@ -19,8 +19,8 @@ from attacks import (
     QueryAttack,
     SDHAAttack,
 )
-from attacks.hashing_attack import HashingContext, logit_scale_factor, scaled_tanh_scales
-from attacks.surrogate_hamming import ap_weights, surrogate_hamming, weighted_surrogate_sum
+from attacks.hashing.hashing_attack import HashingContext, logit_scale_factor, scaled_tanh_scales
+from attacks.hashing.surrogate_hamming import ap_weights, surrogate_hamming, weighted_surrogate_sum
 from data import SyntheticDataModule
 from lightning_modules import DCHLoss, DCHRanker, LeNet
 from retrieval import hamming_distance, sign_codes

@@ -55,7 +55,7 @@ def test_registered_names_and_suite_errors():
 
 
 def test_suite_tanh_scale_factor_multiplies_the_papers_schedule():
-    from attacks.hashing_attack import PAPER_TANH_SCALES
+    from attacks.hashing.hashing_attack import PAPER_TANH_SCALES
 
     for name in ("SDHA", "HAG", "DHTA"):
         options = {"target_label": "random"} if name == "DHTA" else {}

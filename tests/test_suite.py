@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.registry import ATTACKS, UNIVERSAL_ATTACKS, AttackRegistry
-from attacks.max_shift_attack import MaxShiftAttack
+from attacks.ranking.max_shift_attack import MaxShiftAttack
 from evaluation.suite import SUITE_KINDS, Suite, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from attacks.attack import frozen_eval
-from attacks.candidate_attack import CandidateAttack
+from attacks.ranking.candidate_attack import CandidateAttack
 from attacks.gallery import Gallery
-from attacks.query_attack import QueryAttack
+from attacks.ranking.query_attack import QueryAttack
 from attacks.ranks import normalized_rank, self_and_target_mask
 
 __all__ = ["TransferResult", "embed_all", "measure_on", "transfer_attack", "transfer_matrix", "transfer_markdown"]

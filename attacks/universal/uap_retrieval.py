@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from attacks.attack import _check_nonneg_float, _check_positive_int, autograd_usable, frozen_eval
 from attacks.gallery import Gallery
-from attacks.universal_ranking_attack import ScalarImageLogger, check_schedule, perturbation_image
+from attacks.universal.universal_ranking_attack import ScalarImageLogger, check_schedule, perturbation_image
 from retrieval.average_precision import average_precision, ranked_relevance
 
 __all__ = ["UAPRetrieval", "UAPRetrievalResult", "resize_perturbation", "retrieval_metrics"]

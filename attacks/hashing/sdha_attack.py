@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from attacks.attack import _check_nonneg_float, _check_positive_int
-from attacks.attack_trace import AttackTrace
+from attacks.hashing.attack_trace import AttackTrace
 from attacks.gallery import Gallery
-from attacks.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingAttackResult, HashingContext, TargetLabel
-from attacks.surrogate_hamming import ap_weights, weighted_surrogate_sum
+from attacks.hashing.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingAttackResult, HashingContext, TargetLabel
+from attacks.hashing.surrogate_hamming import ap_weights, weighted_surrogate_sum
 from retrieval.hashing_metrics import hamming_distance
 
 __all__ = ["SDHAAttack"]
@@ -33,7 +33,7 @@ class SDHAAttack(HashingAttack):
         untargeted, Eq. (6):  F_u = -(1 / n_u) sum_{r in R} d_u(q~, r) * w(q~, r),  R = items of the query's label
         targeted,   Eq. (7):  F_t =  (1 / n_t) sum_{t in T} d_t(q~, t) * w(q~, t),  T = items of the target label
 
-    with ``d_u`` / ``d_t`` of Eq. (4) / (8) (:mod:`attacks.surrogate_hamming`) and weight exponent
+    with ``d_u`` / ``d_t`` of Eq. (4) / (8) (:mod:`attacks.hashing.surrogate_hamming`) and weight exponent
     ``z`` (untargeted) or ``-z`` (targeted). ``z = 0`` sets every weight to 1: SDHA-UW of Sec. 5.1.
     Optimized with Adam (lr 0.01, betas (0.9, 0.999)) on the perturbation, projected onto the box
     after each step, up to 1500 iterations, each query stopping when its AP@1000 reaches 0
@@ -55,7 +55,7 @@ class SDHAAttack(HashingAttack):
     Args:
         targeted: untargeted (False) or targeted (True) SDHA.
         target_label: targeted only: an int, or ``"random"`` (seeded per query, see
-            :mod:`attacks.hashing_attack`); required then.
+            :mod:`attacks.hashing.hashing_attack`); required then.
         eps: L-inf budget (0.039 = 10/255 in the paper).
         steps: maximum iterations (1500).
         lr: Adam learning rate (0.01).
@@ -64,7 +64,7 @@ class SDHAAttack(HashingAttack):
         z: weight exponent ``>= 0`` (None: 0.5 untargeted / 0.3 targeted, used as ``-z``); 0 is SDHA-UW.
         betas: Adam's (beta1, beta2).
         search_steps: runs of the per-query binary search of alpha (1: one run, alpha fixed).
-        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing_attack.HashingAttack`.
+        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing.hashing_attack.HashingAttack`.
     """
 
     def __init__(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from attacks.attack import _check_nonneg_float
-from attacks.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingContext
+from attacks.hashing.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingContext
 
 __all__ = ["HAGAttack"]
 
@@ -37,7 +37,7 @@ class HAGAttack(HashingAttack):
         lr: SGD learning rate (500 in the paper).
         momentum: SGD momentum (0.9).
         threshold: the mask margin ``t``.
-        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing_attack.HashingAttack`.
+        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing.hashing_attack.HashingAttack`.
     """
 
     name = "HAG"

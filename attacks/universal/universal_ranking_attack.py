@@ -33,10 +33,10 @@ from attacks.attack import (
     autograd_usable,
     frozen_eval,
 )
-from attacks.candidate_attack import CandidateAttack
+from attacks.ranking.candidate_attack import CandidateAttack
 from attacks.gallery import Gallery
 from attacks.pgd import check_eps, eccv_step_rules
-from attacks.query_attack import QueryAttack
+from attacks.ranking.query_attack import QueryAttack
 from attacks.selection import nearest_excluding
 
 __all__ = ["UniversalRankingAttack", "UniversalRankingResult", "check_schedule", "fit_unseen_split",

@@ -34,7 +34,7 @@ Per-query metrics (``AttackResult.metrics``, ``[B]`` each): ``ap`` (final), ``ap
 reached its bound; NaN if never, so a mean over queries is the mean over the successful
 ones), ``success`` (1 if the bound was reached), ``iterations`` (update steps taken). The AP is
 measured w.r.t. the query's label (untargeted) or the target label (targeted). The per-check
-trajectories are in :attr:`HashingAttackResult.trace` (see :mod:`attacks.attack_trace` for the
+trajectories are in :attr:`HashingAttackResult.trace` (see :mod:`attacks.hashing.attack_trace` for the
 dataset-level "l2 at a preset mAP" and "mAP at an l2 budget").
 
 Targeted attacks take the target label at construction: an int (every query gets it), or
@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.attack import Attack, AttackResult, NotApplicableError, _check_positive_int
-from attacks.attack_trace import AttackTrace
+from attacks.hashing.attack_trace import AttackTrace
 from attacks.gallery import Gallery
 from attacks.pgd import project_linf
 from attacks.selection import keys
@@ -84,7 +84,7 @@ class HashingAttackResult(AttackResult):
     Attributes:
         goal_labels: ``[B]`` the label the AP is measured against (query label when
             untargeted, target label when targeted).
-        trace: per-check AP / l2 of every query (:class:`attacks.attack_trace.AttackTrace`).
+        trace: per-check AP / l2 of every query (:class:`attacks.hashing.attack_trace.AttackTrace`).
     """
 
     goal_labels: Tensor | None = None

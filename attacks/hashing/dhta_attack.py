@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from attacks.attack import _check_positive_int
-from attacks.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingContext, TargetLabel
+from attacks.hashing.hashing_attack import PAPER_TANH_SCALES, HashingAttack, HashingContext, TargetLabel
 from attacks.selection import keys
 from retrieval.hashing_metrics import sign_codes
 
@@ -38,7 +38,7 @@ class DHTAAttack(HashingAttack):
         lr: the sign-step size; the paper's "learning rate 1" is on the 0..255 pixel scale,
             i.e. 1/255 here.
         n_f: number of voting target-class items (9).
-        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing_attack.HashingAttack`.
+        topk, check_every, tanh_scales, early_stop, goal_ap, seed: see :class:`attacks.hashing.hashing_attack.HashingAttack`.
     """
 
     name = "DHTA"
