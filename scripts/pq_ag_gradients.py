@@ -1,5 +1,5 @@
 """Why AOD can trail APD: the input gradients of the PQ-AG losses at the clean query and at PGD's
-random start (a diagnostic for the analysis in notes / docs/results.md).
+random start (a diagnostic for the analysis in notes / docs/results/pq_ag.md).
 
     python scripts/pq_ag_gradients.py --model 24bit=pq:runs/fashion_mnist_dpqn_24bit/version_0/checkpoints/last.ckpt
 

@@ -56,7 +56,7 @@ class QueryAttack(Attack):
             term sums over the m candidates, the SP term over the G candidates of C_SP).
             Departure from the letter of Eq. 12, and why: with sums, QA- at m = 1 is held back
             by five SP candidates and grows stronger with m, the opposite of the paper's
-            Table 3; with means our QA rows match it (docs/results.md, "QA reduction").
+            Table 3; with means our QA rows match it (docs/results/eccv2020.md, "QA reduction").
     """
 
     def __init__(
