@@ -29,35 +29,10 @@ from data import CIFAR10DataModule, DataConfigError, SyntheticDataModule
 from evaluation.checkpoints import load_ranker as load_run_ranker
 from lightning_modules import LeNet, MetricRanker, UnsafeCheckpointError, load_checkpoint, load_ranker
 from run_helpers import train_in
+from test_eval import TINY_CONFIG  # the tiny CLI-trained ranker of the eval tests
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_CONFIG = """
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: pytorch_lightning.loggers.TensorBoardLogger
-    init_args: {save_dir: runs, name: tiny}
-model:
-  class_path: lightning_modules.MetricRanker
-  init_args:
-    backbone:
-      class_path: lightning_modules.LeNet
-      init_args: {embedding_dim: 16}
-    loss:
-      class_path: pytorch_metric_learning.losses.TripletMarginLoss
-      init_args:
-        margin: 0.2
-        distance: {class_path: pytorch_metric_learning.distances.CosineSimilarity}
-data:
-  class_path: data.SyntheticDataModule
-  init_args: {test_per_class: 25, eval_batch_size: 64}
-"""
 
 # Transferable attacks only (an ES entry would be refused before any checkpoint is read).
 TRANSFER_SUITE = """
