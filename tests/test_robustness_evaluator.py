@@ -19,9 +19,11 @@ from evaluation.score import RobustnessScore
 from evaluation.suite import Suite, SuiteError
 
 
-def make_suite(attacks: list[dict], num_samples: int = 24, batch_size: int = 8, registry=ATTACKS) -> Suite:
+def make_suite(attacks: list[dict], num_samples: int = 24, batch_size: int = 8, registry=ATTACKS,
+               sanity: bool = False) -> Suite:
+    """A test suite; the large-budget sanity checks (tests/test_engine_trust.py) are off unless asked for."""
     return Suite.from_dict({"name": "test", "num_samples": num_samples, "seed": 0, "batch_size": batch_size,
-                            "attacks": attacks}, registry=registry)
+                            "sanity": sanity, "attacks": attacks}, registry=registry)
 
 
 ALL_ATTACKS = [
