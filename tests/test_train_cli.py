@@ -118,7 +118,7 @@ def test_tensorboard_has_train_loss_and_validation_metrics(in_tmp):
     ckpt = log_dir / "checkpoints" / "last.ckpt"
     restored = load_ranker(str(ckpt))
     assert type(restored) is MetricRanker and cli.model.hparams["backbone"]["class_path"].endswith("C2F1")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, value in restored.state_dict().items():
         torch.testing.assert_close(value, saved[name])
 
