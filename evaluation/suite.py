@@ -79,8 +79,8 @@ class SanitySettings:
     The results are kept apart from the tables and never enter the robustness score.
 
     YAML: ``sanity: false`` switches the checks off; ``sanity: {eps: 1.0, steps: 50, ...}``
-    overrides single fields. The defaults (100 steps of 0.01, 50 samples) were chosen on a
-    vanilla model where 30 steps or larger steps left CA+ short of 5% (sign steps oscillate).
+    overrides single fields. The defaults (100 steps of 0.01, 50 samples) come from
+    ``bench/sanity_budget.py``: on a vanilla model 30 steps, or larger steps, left CA+ short of 5%.
     """
 
     enabled: bool = True
