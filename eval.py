@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", nargs="+", required=True, metavar="CKPT",
                         help="checkpoint file(s); with --source: the target models")
     parser.add_argument("--suite", required=True,
-                        help="suite YAML, e.g. configs/suites/eccv2020_28x28.yaml (a 'kind: universal' suite "
-                             "fits universal perturbations)")
+                        help="suite YAML or a shipped suite's name, e.g. quick or configs/suites/eccv2020_28x28.yaml "
+                             "(a 'kind: universal' suite fits universal perturbations)")
     parser.add_argument("--source", nargs="+", default=None, metavar="SRC",
                         help="transfer mode: craft the suite's CA / QA attacks on these checkpoints and measure "
                              "them on every --ckpt (ECCV 2020 Table 5 matrix)")

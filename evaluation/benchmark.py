@@ -35,7 +35,7 @@ from data import RetrievalDataModule
 from evaluation.checkpoints import instantiate, load_ranker, run_config, run_dir, run_fingerprint
 from evaluation.engine import EvaluationInterrupted, RobustnessEvaluator
 from evaluation.errors import EvaluationError, one_line
-from evaluation.options import BenchmarkOptions, load_suite
+from evaluation.options import BenchmarkOptions, load_suite, resolve_suite
 from evaluation.report import Report, config_result_from_row, write_atomic
 from evaluation.suite import SuiteError
 from evaluation.transfer import evaluate_transfer, prepare_transfer
@@ -263,7 +263,7 @@ def evaluate(job: Job, options: BenchmarkOptions) -> Any:
 
     partial = job.partial_path
     callback = RobustnessEvaluation(
-        suite=options.suite,
+        suite=str(resolve_suite(options.suite)),
         num_samples=options.num_samples,
         batch_size=options.batch_size,
         log_images=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from evaluation.errors import EvaluationError
 from evaluation.suite import SUITE_KINDS, Suite, SuiteError
 
-__all__ = ["BenchmarkOptions", "load_suite"]
+__all__ = ["BenchmarkOptions", "SHIPPED_SUITES", "load_suite", "resolve_suite"]
 
 
 @dataclass
@@ -19,7 +20,7 @@ class BenchmarkOptions:
     """Options of a benchmark run (``eval.py``'s flags, one field each).
 
     Attributes:
-        suite: a suite YAML path (ranking or ``kind: universal``).
+        suite: a suite YAML path (ranking or ``kind: universal``) or a shipped suite's name (``quick``).
         num_samples, batch_size: override the suite's T and attack batch size.
         devices, accelerator: processes / GPUs (``devices > 1``: DDP) and ``cpu`` / ``gpu`` / ``auto``.
         data_config: a data config instead of each checkpoint's ``<run>/config.yaml``.
@@ -55,10 +56,27 @@ class BenchmarkOptions:
         return torch.device("cuda" if use_gpu else "cpu")
 
 
+#: The suites shipped with the project; ``--suite quick`` is ``configs/suites/quick.yaml``.
+SHIPPED_SUITES = Path(__file__).resolve().parents[1] / "configs" / "suites"
+
+
+def resolve_suite(name_or_path: str | Path) -> Path:
+    """A suite file: the path itself, or a shipped suite's name (``quick`` -> ``configs/suites/quick.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = SHIPPED_SUITES / f"{path.name}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_SUITES.glob("*.yaml")))
+    raise EvaluationError(f"unknown suite {str(name_or_path)!r}: give a suite file, or one of the shipped suites: {names}")
+
+
 def load_suite(options: BenchmarkOptions) -> Any:
-    """The suite of ``options.suite`` (ranking or universal) with the overrides; raise :class:`EvaluationError`."""
+    """The suite of ``options.suite`` (a file or a shipped suite's name, ranking or universal) with the
+    overrides; raise :class:`EvaluationError`."""
     try:
-        suite = Suite.from_yaml(options.suite, kinds=SUITE_KINDS)
+        suite = Suite.from_yaml(resolve_suite(options.suite), kinds=SUITE_KINDS)
         sanity = False if not options.sanity and suite.kind == "ranking" else None
         return suite.with_overrides(num_samples=options.num_samples, batch_size=options.batch_size, sanity=sanity)
     except SuiteError as err:

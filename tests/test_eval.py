@@ -231,3 +231,10 @@ def test_the_readme_python_example_runs(tiny_run, tmp_path, capsys):
     exec(compile(snippet, "README.md", "exec"), {})
     score, path = capsys.readouterr().out.split()[-2:]
     assert 0 <= float(score) <= 1 and Path(path) == tmp_path / f"{tiny_run['ckpt'].stem}.eval-test.json"
+
+
+def test_a_shipped_suite_by_name(tiny_run, tmp_path):
+    (report,) = run_eval(["--ckpt", str(tiny_run["ckpt"]), "--suite", "quick", "--num-samples", "4",
+                          "--no-sanity", "--output-dir", str(tmp_path)])
+    assert report.data["suite_file"].endswith("configs/suites/quick.yaml")
+    assert (tmp_path / f"{tiny_run['ckpt'].stem}.quick.json").is_file()
