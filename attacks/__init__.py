@@ -20,7 +20,7 @@ from attacks.attack import Attack, AttackResult, NotApplicableError, frozen_eval
 from attacks.hashing.attack_trace import AttackTrace
 from attacks.ranking.candidate_attack import CandidateAttack
 from attacks.hashing.dhta_attack import DHTAAttack
-from attacks.gallery import Gallery
+from attacks.gallery import Gallery, QuerySet
 from attacks.hashing.hag_attack import HAGAttack
 from attacks.hashing.hashing_attack import HashingAttack, HashingAttackResult, logit_scale_factor
 from attacks.ranking.max_shift_attack import MaxShiftAttack, embedding_shift, max_shift_perturb
@@ -53,6 +53,7 @@ __all__ = [
     "NotApplicableError",
     "PQAGAttack",
     "QueryAttack",
+    "QuerySet",
     "SDHAAttack",
     "TransferResult",
     "UAPRetrieval",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Gallery"]
+__all__ = ["Gallery", "QuerySet"]
 
 
 @dataclass(frozen=True)
@@ -44,3 +44,24 @@ class Gallery:
 
     def to(self, device: torch.device | str) -> Gallery:
         return Gallery(self.embeddings.to(device), self.labels.to(device))
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """The queries a universal perturbation is fitted or measured on: ``images [N, C, H, W]`` in
+    ``[0, 1]``, their ``indices [N]`` in X (for the target draws and to exclude each query from its
+    own ranking) and their ``labels [N]`` (the retrieval objectives of UAP-IR need them).
+
+    Both universal attacks take ``(model, gallery, fit, unseen=None)`` with these.
+    """
+
+    images: Tensor
+    indices: Tensor
+    labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.indices.shape != (n,):
+            raise ValueError(f"QuerySet.indices must be [N={n}], got shape {tuple(self.indices.shape)}")
+        if self.labels is not None and self.labels.shape != (n,):
+            raise ValueError(f"QuerySet.labels must be [N={n}], got shape {tuple(self.labels.shape)}")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from attacks.gallery import Gallery
+from attacks.gallery import Gallery, QuerySet
 from attacks.transfer import embed_all
 from attacks.universal.uap_retrieval import UAPRetrieval
 from attacks.universal.universal_ranking_attack import fit_unseen_split
@@ -124,9 +124,9 @@ def evaluate_universal(
                                    "options": dict(config.options)}
             if config.size_key:
                 row[config.size_key] = config.size
+            res = attack(model, gallery, QuerySet(images[fit], fit, labels[fit]),
+                         QuerySet(images[unseen], unseen, labels[unseen]), logger=logger, progress=progress)
             if isinstance(attack, UAPRetrieval):
-                res = attack(model, gallery, images[fit], labels[fit], images[unseen], labels[unseen], fit, unseen,
-                             logger=logger, progress=progress)
                 row["resize_range"] = None if attack.resize_range is None else list(attack.resize_range)
                 row["fit"], row["unseen"] = res.fit, res.unseen
                 # The frozen r at other input sizes (the slides' "effects of resizing"), unseen queries.
@@ -135,8 +135,6 @@ def evaluate_universal(
                                               unseen, scale=s)
                     for s in attack.eval_scales}  # type: ignore[attr-defined]
             else:
-                res = attack(model, gallery, images[fit], fit, images[unseen], unseen, logger=logger,
-                             progress=progress)
                 row["fit"] = {k: _mean(v) for k, v in res.fit.items()}
                 row["unseen"] = {k: _mean(v) for k, v in (res.unseen or {}).items()}
                 row["fit_std"] = {k: float(v.double().std()) for k, v in res.fit.items()}

@@ -11,6 +11,7 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from torch import nn
 
 from attacks import CandidateAttack, Gallery, QueryAttack
+from attacks.gallery import QuerySet
 from attacks.universal.uap_retrieval import UAPRetrieval, resize_perturbation, retrieval_metrics
 from attacks.universal.universal_ranking_attack import UniversalRankingAttack, fit_unseen_split
 from lightning_modules import MetricRanker
@@ -51,7 +52,7 @@ def test_fit_unseen_split_is_disjoint_five_percent():
 def test_one_perturbation_shared_by_all_samples_within_eps_and_box(setup, kind):
     model, gallery, x, _, fit, unseen = setup
     attack = UniversalRankingAttack(kind, "-", eps=EPS, epochs=2, batch_size=8)
-    result = attack(model, gallery, x[fit], fit, x[unseen], unseen)
+    result = attack(model, gallery, QuerySet(x[fit], fit), QuerySet(x[unseen], unseen))
     r = result.perturbation
     assert r.shape == x.shape[1:]
     assert float(r.abs().max()) <= EPS + 1e-6 and float(r.abs().max()) > 0
@@ -65,7 +66,8 @@ def test_one_perturbation_shared_by_all_samples_within_eps_and_box(setup, kind):
 @pytest.mark.parametrize("kind", ["CA", "QA"])
 def test_universal_minus_attacks_lower_the_rank_on_fit_and_unseen(setup, kind):
     model, gallery, x, _, fit, unseen = setup
-    result = UniversalRankingAttack(kind, "-", eps=EPS, epochs=4)(model, gallery, x[fit], fit, x[unseen], unseen)
+    result = UniversalRankingAttack(kind, "-", eps=EPS, epochs=4)(model, gallery, QuerySet(x[fit], fit),
+                                                                 QuerySet(x[unseen], unseen))
     s = result.summary()
     assert s["fit/rank"] > s["fit/rank_clean"] + 5
     assert s["unseen/rank"] > s["unseen/rank_clean"] + 5  # generalizes to images not used in the fit
@@ -76,10 +78,10 @@ def test_targets_are_those_of_the_per_sample_attacks(setup):
     """Targets are keyed by sample index: the same Q / C as CA / QA draw, whatever the batching."""
     model, gallery, x, _, fit, _ = setup
     ica = UniversalRankingAttack("CA", "+", 2, eps=EPS, epochs=1, batch_size=7, seed=3)
-    res = ica(model, gallery, x[fit], fit)
+    res = ica(model, gallery, QuerySet(x[fit], fit))
     assert torch.equal(res.fit_targets, CandidateAttack("+", 2, eps=EPS, seed=3).select_queries(gallery, model, fit))
     iqa = UniversalRankingAttack("QA", "-", eps=EPS, epochs=1, seed=3)
-    res = iqa(model, gallery, x[fit], fit)
+    res = iqa(model, gallery, QuerySet(x[fit], fit))
     assert torch.equal(res.fit_targets, QueryAttack("-", eps=EPS, seed=3, G=0).select_targets(gallery, model, fit)[0])
 
 
@@ -99,7 +101,7 @@ def test_universal_errors_are_one_line(setup):
             UniversalRankingAttack(**args)
     attack = UniversalRankingAttack("CA", "+", eps=EPS, epochs=1)
     with pytest.raises(ValueError, match="disjoint"):
-        attack(model, gallery, x[fit], fit, x[fit], fit)
+        attack(model, gallery, QuerySet(x[fit], fit), QuerySet(x[fit], fit))
     with pytest.raises(ValueError, match="exceeds eps"):
         attack.evaluate(model, gallery, x[fit], fit, torch.full(x.shape[1:], 0.5))
 
@@ -110,8 +112,8 @@ def test_tensorboard_logs_perturbation_image_and_effect_curve(setup, tmp_path):
 
     model, gallery, x, y, fit, _ = setup
     writer = SummaryWriter(str(tmp_path))
-    UniversalRankingAttack("CA", "-", eps=EPS, epochs=3)(model, gallery, x[fit], fit, logger=writer)
-    UAPRetrieval("pair", eps=EPS, epochs=2)(model, gallery, x[fit], y[fit], logger=writer)
+    UniversalRankingAttack("CA", "-", eps=EPS, epochs=3)(model, gallery, QuerySet(x[fit], fit), logger=writer)
+    UAPRetrieval("pair", eps=EPS, epochs=2)(model, gallery, QuerySet(x[fit], fit, y[fit]), logger=writer)
     writer.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0}).Reload()
     assert len(events.Scalars("universal/I-CA-/fit_rank")) == 3
@@ -155,7 +157,7 @@ def test_retrieval_metrics_match_topk_metrics_without_self(setup):
 def test_uap_objectives_decrease_and_hurt_retrieval(setup, objective):
     model, gallery, x, y, fit, unseen = setup
     attack = UAPRetrieval(objective, eps=0.3, step=0.03, epochs=5, batch_size=10)
-    res = attack(model, gallery, x[fit], y[fit], x[unseen], y[unseen], fit, unseen)
+    res = attack(model, gallery, QuerySet(x[fit], fit, y[fit]), QuerySet(x[unseen], unseen, y[unseen]))
     assert res.history[-1] < res.history[0]
     assert float(res.perturbation.abs().max()) <= 0.3 + 1e-6
     for split in (res.fit, res.unseen):
@@ -256,7 +258,7 @@ def test_pair_negative_cluster_choice(setup):
 def test_shared_targets_are_one_set_outside_the_attacked_samples(setup, kind):
     model, gallery, x, _, fit, unseen = setup
     attack = UniversalRankingAttack(kind, "+", 1, eps=0.3, epochs=2, batch_size=10, shared_targets=True)
-    res = attack(model, gallery, x[fit], fit, x[unseen], unseen)
+    res = attack(model, gallery, QuerySet(x[fit], fit), QuerySet(x[unseen], unseen))
     for targets in (res.fit_targets, res.unseen_targets):
         assert bool((targets == targets[0]).all()), "every sample shares the one target set"
     assert not set(res.fit_targets[0].tolist()) & (set(fit.tolist()) | set(unseen.tolist()))

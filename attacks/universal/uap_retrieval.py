@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from attacks.attack import _check_nonneg_float, _check_positive_int, autograd_usable, frozen_eval
-from attacks.gallery import Gallery
+from attacks.gallery import Gallery, QuerySet
 from attacks.universal.universal_ranking_attack import ScalarImageLogger, check_schedule, perturbation_image
 from retrieval.average_precision import average_precision, ranked_relevance
 
@@ -268,24 +268,22 @@ class UAPRetrieval:
         self,
         model: nn.Module,
         gallery: Gallery,
-        fit_images: Tensor,
-        fit_labels: Tensor,
-        unseen_images: Tensor | None = None,
-        unseen_labels: Tensor | None = None,
-        fit_indices: Tensor | None = None,
-        unseen_indices: Tensor | None = None,
+        fit: QuerySet,
+        unseen: QuerySet | None = None,
         logger: ScalarImageLogger | None = None,
         progress: bool = False,
     ) -> UAPRetrievalResult:
         """Fit r on the fit queries, freeze it, measure mAP / mP@10 / mDR on fit and unseen queries."""
-        r, history = self.fit(model, gallery, fit_images, fit_labels, logger=logger, progress=progress)
-        fit = self.evaluate(model, gallery, fit_images, fit_labels, r, sample_indices=fit_indices)
-        unseen = None
-        if unseen_images is not None:
-            if unseen_labels is None:
-                raise ValueError("unseen_labels must be given with unseen_images")
-            unseen = self.evaluate(model, gallery, unseen_images, unseen_labels, r, sample_indices=unseen_indices)
-        return UAPRetrievalResult(r, fit, unseen, history)
+        for name, queries in (("fit", fit), ("unseen", unseen)):
+            if queries is not None and queries.labels is None:
+                raise ValueError(f"UAP-IR measures retrieval: the {name} QuerySet needs labels")
+        r, history = self.fit(model, gallery, fit.images, fit.labels, logger=logger, progress=progress)
+        fit_metrics = self.evaluate(model, gallery, fit.images, fit.labels, r, sample_indices=fit.indices)
+        unseen_metrics = None
+        if unseen is not None:
+            unseen_metrics = self.evaluate(model, gallery, unseen.images, unseen.labels, r,
+                                           sample_indices=unseen.indices)
+        return UAPRetrievalResult(r, fit_metrics, unseen_metrics, history)
 
     def apply(self, images: Tensor, r: Tensor) -> Tensor:
         """``clip(x + resize(r))``: r resized to the images' size, each image kept in ``[0, 1]``."""

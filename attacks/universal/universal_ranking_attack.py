@@ -34,7 +34,7 @@ from attacks.attack import (
     frozen_eval,
 )
 from attacks.ranking.candidate_attack import CandidateAttack
-from attacks.gallery import Gallery
+from attacks.gallery import Gallery, QuerySet
 from attacks.pgd import check_eps, eccv_step_rules
 from attacks.ranking.query_attack import QueryAttack
 from attacks.selection import nearest_excluding
@@ -268,32 +268,28 @@ class UniversalRankingAttack:
         self,
         model: nn.Module,
         gallery: Gallery,
-        fit_images: Tensor,
-        fit_indices: Tensor,
-        unseen_images: Tensor | None = None,
-        unseen_indices: Tensor | None = None,
+        fit: QuerySet,
+        unseen: QuerySet | None = None,
         logger: ScalarImageLogger | None = None,
         progress: bool = False,
     ) -> UniversalRankingResult:
         """Fit r on the fit set, freeze it, measure it on the fit and the unseen set (Table 6)."""
-        attacked = [torch.as_tensor(fit_indices)] + ([] if unseen_indices is None else [torch.as_tensor(unseen_indices)])
+        attacked = [torch.as_tensor(fit.indices)] + ([] if unseen is None else [torch.as_tensor(unseen.indices)])
         self.draw_shared_targets(len(gallery), torch.cat(attacked))
-        r, history = self.fit(model, gallery, fit_images, fit_indices, logger=logger, progress=progress)
-        fit = self.evaluate(model, gallery, fit_images, fit_indices, r)
-        unseen = None
-        if unseen_images is not None:
-            if unseen_indices is None:
-                raise ValueError("unseen_indices must be given with unseen_images")
-            if bool(torch.isin(torch.as_tensor(unseen_indices), torch.as_tensor(fit_indices)).any()):
+        r, history = self.fit(model, gallery, fit.images, fit.indices, logger=logger, progress=progress)
+        fit_result = self.evaluate(model, gallery, fit.images, fit.indices, r)
+        unseen_result = None
+        if unseen is not None:
+            if bool(torch.isin(torch.as_tensor(unseen.indices), torch.as_tensor(fit.indices)).any()):
                 raise ValueError("the unseen set must be disjoint from the fit set")
-            unseen = self.evaluate(model, gallery, unseen_images, unseen_indices, r)
+            unseen_result = self.evaluate(model, gallery, unseen.images, unseen.indices, r)
         return UniversalRankingResult(
             perturbation=r,
-            fit={k: v for k, v in fit.metrics.items()},
-            unseen=None if unseen is None else dict(unseen.metrics),
+            fit={k: v for k, v in fit_result.metrics.items()},
+            unseen=None if unseen_result is None else dict(unseen_result.metrics),
             history=history,
-            fit_targets=fit.targets,
-            unseen_targets=None if unseen is None else unseen.targets,
+            fit_targets=fit_result.targets,
+            unseen_targets=None if unseen_result is None else unseen_result.targets,
         )
 
     def evaluate(self, model: nn.Module, gallery: Gallery, images: Tensor, sample_indices: Tensor,
