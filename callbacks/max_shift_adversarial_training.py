@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from attacks.attack import frozen_eval
-from attacks.ranking.max_shift_attack import embedding_shift, max_shift_perturb
 from attacks.pgd import eccv_step_rules
+from attacks.ranking.max_shift_attack import embedding_shift, max_shift_perturb
+from lightning_modules.capabilities import TrainingLossRanker
 
 __all__ = ["MaxShiftAdversarialTraining"]
 
@@ -209,7 +210,7 @@ class MaxShiftAdversarialTraining(pl.Callback):
                 # Two extra no-grad forwards (clean + adversarial) for the logged shift.
                 shift = embedding_shift(pl_module, x_adv, pl_module.embed(x)).mean()
                 clean_loss = None
-                if chosen is not None and callable(getattr(pl_module, "compute_loss", None)):
+                if chosen is not None and isinstance(pl_module, TrainingLossRanker):
                     keep = torch.ones(batch_size, dtype=torch.bool, device=images.device)
                     keep[chosen] = False
                     clean_loss = pl_module.compute_loss(pl_module.embed(images[keep]), labels[keep])

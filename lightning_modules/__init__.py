@@ -1,13 +1,15 @@
 """The rankers (LightningModules) and their parts."""
 
 from lightning_modules.backbones import C2F1, LeNet, ResNet18
+from lightning_modules.capabilities import HashingRanker, ProductQuantizationRanker, TrainingLossRanker
 from lightning_modules.checkpoint_io import UnsafeCheckpointError, load_checkpoint, ranker_from_checkpoint
 from lightning_modules.input_normalization import InputNormalization
 from lightning_modules.metric_ranker import MetricRanker
 from lightning_modules.ranker import Ranker, load_ranker
 
-__all__ = ["C2F1", "InputNormalization", "LeNet", "MetricRanker", "Ranker", "ResNet18", "UnsafeCheckpointError",
-           "load_checkpoint", "load_ranker", "ranker_from_checkpoint"]
+__all__ = ["C2F1", "HashingRanker", "InputNormalization", "LeNet", "MetricRanker", "ProductQuantizationRanker",
+           "Ranker", "ResNet18", "TrainingLossRanker", "UnsafeCheckpointError", "load_checkpoint", "load_ranker",
+           "ranker_from_checkpoint"]
 
 # Deep Cauchy Hashing (docs/dch.md)
 from lightning_modules.dch_loss import DCHLoss  # noqa: E402

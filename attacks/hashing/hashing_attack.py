@@ -59,6 +59,7 @@ from attacks.hashing.attack_trace import AttackTrace
 from attacks.gallery import Gallery
 from attacks.pgd import project_linf
 from attacks.selection import keys
+from lightning_modules.capabilities import HashingRanker
 from retrieval.average_precision import average_precision
 from retrieval.hashing_metrics import hamming_distance, sign_codes
 from retrieval.index import stable_topk
@@ -226,8 +227,9 @@ class HashingAttack(Attack):
     def check_applicable(self, model: nn.Module) -> None:
         """``hash_bits`` (the declared capability) and the ``hash_logits`` the attack differentiates."""
         super().check_applicable(model)
-        if not callable(getattr(model, "hash_logits", None)):
-            raise NotApplicableError(f"{self.name} needs model.hash_logits(x), which {type(model).__name__} lacks")
+        if not isinstance(model, HashingRanker):
+            raise NotApplicableError(f"{self.name} needs a lightning_modules.HashingRanker (hash_bits and "
+                                     f"hash_logits(x)), which {type(model).__name__} is not")
 
     def tanh_scale(self, step: int) -> float:
         """gamma at iteration ``step`` (0-based) of the schedule."""

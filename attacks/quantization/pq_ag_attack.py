@@ -53,8 +53,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from attacks.attack import Attack, AttackResult
+from attacks.attack import Attack, AttackResult, NotApplicableError
 from attacks.gallery import Gallery
+from lightning_modules.capabilities import ProductQuantizationRanker
 from retrieval.average_precision import average_precision, ranked_relevance
 
 __all__ = ["PQAGAttack", "query_average_precision"]
@@ -111,6 +112,13 @@ class PQAGAttack(Attack):
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset() if self.variant == "basic" else frozenset({"codebooks"})
+
+    def check_applicable(self, model: nn.Module) -> None:
+        """APD / AOD differentiate the soft assignment: the model must be a ProductQuantizationRanker."""
+        super().check_applicable(model)
+        if self.variant != "basic" and not isinstance(model, ProductQuantizationRanker):
+            raise NotApplicableError(f"{self.name} needs a lightning_modules.ProductQuantizationRanker (codebooks and "
+                                     f"soft_assignment), which {type(model).__name__} is not")
 
     @property
     def hparams(self) -> dict:
