@@ -27,7 +27,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data import FashionMNISTDataModule  # noqa: E402
-from lightning_modules import KMeansPQRanker, Ranker, UnsafeCheckpointError, load_checkpoint  # noqa: E402
+from evaluation import checkpoints  # noqa: E402
+from evaluation.errors import EvaluationError  # noqa: E402
+from lightning_modules import KMeansPQRanker, Ranker  # noqa: E402
 
 
 @dataclass
@@ -48,21 +50,15 @@ def run_config(ckpt: str | Path) -> dict:
 
 
 def load_ranker(ckpt: str | Path) -> Ranker:
-    """The ranker of a checkpoint, rebuilt from its run config's ``model`` section (CPU, eval mode)."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(Ranker, "model", fail_untyped=False)
-    cfg = parser.parse_object({"model": run_config(ckpt)["model"]})
-    model = parser.instantiate_classes(cfg).model
-    try:  # weights_only: nothing in the file can run code
-        state = load_checkpoint(ckpt)["state_dict"]
-    except UnsafeCheckpointError as err:
+    """The ranker of a checkpoint (CPU, eval mode): :func:`evaluation.checkpoints.load_ranker`, the one
+    safe loader (weights_only, allow-listed class paths) with the run config's ``model`` as fallback."""
+    ckpt = Path(ckpt)
+    run_config(ckpt)  # the scripts need the run config (its data section) as well: refuse early without it
+    try:
+        model_section, _, where = checkpoints.run_config(ckpt, None)
+        return checkpoints.load_ranker(ckpt, model_section, where).eval()
+    except EvaluationError as err:
         raise SystemExit(f"error: {err}") from None
-    except KeyError:
-        raise SystemExit(f"error: {ckpt} holds no state_dict") from None
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def query_database(num_queries: int = 1000, database: str = "test_rest", seed: int = 0) -> tuple[Split, Split]:

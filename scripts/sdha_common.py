@@ -16,7 +16,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data import RetrievalDataModule, collate_retrieval_batch  # noqa: E402
-from lightning_modules import DCHRanker, Ranker, UnsafeCheckpointError, load_checkpoint  # noqa: E402
+from evaluation import checkpoints  # noqa: E402
+from evaluation.errors import EvaluationError  # noqa: E402
+from lightning_modules import DCHRanker  # noqa: E402
 
 
 def run_config(ckpt: Path) -> dict[str, Any]:
@@ -30,7 +32,6 @@ def run_config(ckpt: Path) -> dict[str, Any]:
 
 def load_run(ckpt: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[DCHRanker, RetrievalDataModule]:
     """``(model in eval mode, set-up data module)`` of a DCH training run."""
-    from jsonargparse import ArgumentParser
 
     ckpt = Path(ckpt)
     if not ckpt.is_file():
@@ -38,20 +39,13 @@ def load_run(ckpt: str | Path, data_overrides: dict[str, Any] | None = None) -> 
     cfg = run_config(ckpt)
     data_cfg = dict(cfg["data"])
     data_cfg["init_args"] = {**data_cfg.get("init_args", {}), **(data_overrides or {})}
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(Ranker, "model", fail_untyped=False)
-    parser.add_subclass_arguments(RetrievalDataModule, "data", fail_untyped=False)
-    built = parser.instantiate(parser.parse_object({"model": cfg["model"], "data": data_cfg}))
-    model, datamodule = built.model, built.data
+    try:  # the one safe loader: weights_only, allow-listed class paths, run config as fallback
+        model = checkpoints.load_ranker(ckpt, cfg.get("model"), str(ckpt))
+        datamodule = checkpoints.instantiate(data_cfg, RetrievalDataModule, "data", str(ckpt))
+    except EvaluationError as err:
+        raise SystemExit(f"error: {err}") from None
     if not isinstance(model, DCHRanker):
         raise SystemExit(f"error: {ckpt} is not a DCHRanker run (got {type(model).__name__})")
-    try:  # weights_only: nothing in the file can run code
-        state = load_checkpoint(ckpt)["state_dict"]
-    except UnsafeCheckpointError as err:
-        raise SystemExit(f"error: {err}") from None
-    except KeyError:
-        raise SystemExit(f"error: {ckpt} holds no state_dict") from None
-    model.load_state_dict(state)
     datamodule.setup()
     return model.eval(), datamodule
 

@@ -4,23 +4,25 @@
 On the C2F1 CT model, the 250 fit queries of uap_retrieval.yaml (--num-samples 250, seed 0).
 """
 
+from pathlib import Path
+
 import torch
 
-import eval as ev
 from attacks.gallery import Gallery
 from attacks.transfer import embed_all
 from attacks.universal.uap_retrieval import UAPRetrieval
 from attacks.universal.universal_ranking_attack import fit_unseen_split
 from data import RetrievalDataModule
+from evaluation.checkpoints import instantiate, load_ranker, run_config
+from evaluation.data import gallery_tensors
 
 torch.set_num_threads(1)
-ckpt = ev.Path("runs/fashion_mnist_ct/version_0/checkpoints/epoch06-recall1_0.9009.ckpt")
-model_section, section, where = ev._run_config(ckpt, None)
-model = ev.load_ranker(ckpt, model_section, where)
-dm = ev._instantiate(section, RetrievalDataModule,
-                     "data", "scripts/uap_soft_ndcg.py")
+ckpt = Path("runs/fashion_mnist_ct/version_0/checkpoints/epoch06-recall1_0.9009.ckpt")
+model_section, section, where = run_config(ckpt, None)
+model = load_ranker(ckpt, model_section, where)
+dm = instantiate(section, RetrievalDataModule, "data", "scripts/uap_soft_ndcg.py")
 dm.setup("test")
-images, labels = ev.gallery_tensors(dm)
+images, labels = gallery_tensors(dm)
 gallery = Gallery(embed_all(model, images), labels)
 fit, _ = fit_unseen_split(len(labels), size=250, seed=0)
 with torch.no_grad():
