@@ -425,7 +425,7 @@ class RobustnessEvaluator:
             invalid = _nonfinite_rows(gallery.embeddings, codes, what="gallery embeddings")
             clean = None
             if self.clean_metrics and dist.is_main and invalid is None:
-                clean = self._clean_metrics(model, gallery, codes)
+                clean = clean_metrics(model, gallery.embeddings, gallery.labels, codes)
             attacked = self.attacked_indices(n)
             results, examples = self._run_attacks(model, dataset, gallery, attacked, configs, run, invalid)
             sanity_results, _ = self._run_attacks(
@@ -523,7 +523,7 @@ class RobustnessEvaluator:
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                             collate_fn=collate_retrieval_batch)
         # encode() differs from embed() only for PQ / hashing rankers: skip the second pass otherwise.
-        separate_codes = represent is None and self.clean_metrics and _overrides(model, "encode")
+        with_codes = represent is None and self.clean_metrics and separate_codes(model)
         represent = represent or model.embed
         embeddings, codes, labels, indices, bad_inputs = [], [], [], [], []
         width = min(batch_size, n)
@@ -535,7 +535,7 @@ class RobustnessEvaluator:
             bad_inputs.append(_bad_images(images))
             images = _pad_to(images, width)  # fixed shapes: see _pad_to
             embeddings.append(represent(images)[:b])
-            if separate_codes:
+            if with_codes:
                 codes.append(model.encode(images)[:b])
             labels.append(batch_labels.to(device))
             indices.append(batch_indices.to(device))
@@ -545,7 +545,7 @@ class RobustnessEvaluator:
         gathered_lab = dist.all_gather(torch.cat(labels)).reshape(-1)
         gathered_bad = dist.all_gather(torch.cat(bad_inputs)).reshape(-1)
         values = [gathered_emb, gathered_lab, gathered_bad]
-        if separate_codes:
+        if with_codes:
             gathered_codes = dist.all_gather(torch.cat(codes))
             values.append(gathered_codes.reshape(-1, *gathered_codes.shape[2:]))
         unique_idx, *values = deduplicate_by_index(gathered_idx, *values)
@@ -558,18 +558,14 @@ class RobustnessEvaluator:
             raise InvalidInputError(
                 f"{len(bad)} of {n} images are not valid attack inputs (NaN / inf, or outside [0, 1]; "
                 f"normalization belongs inside the model): dataset indices {shown}")
-        return Gallery(values[0], values[1]), (values[3] if separate_codes else None)
+        return Gallery(values[0], values[1]), (values[3] if with_codes else None)
 
     def clean_metrics_of(self, model: nn.Module, gallery: Gallery) -> dict[str, float] | None:
         """Clean Recall@1 / mAP / MAP@R of a gathered gallery (ranked by its embeddings); ``None``
         when an embedding is NaN / inf (no number would mean anything)."""
         if _nonfinite_rows(gallery.embeddings, None, what="gallery embeddings") is not None:
             return None
-        with torch.inference_mode(False), torch.no_grad():
-            return self._clean_metrics(model, gallery, None)
-
-    def _clean_metrics(self, model: nn.Module, gallery: Gallery, codes: Tensor | None) -> dict[str, float]:
-        return clean_metrics(model, gallery.embeddings, gallery.labels, codes)
+        return clean_metrics(model, gallery.embeddings, gallery.labels)
 
     def _run_attacks(
         self,
