@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: venv dataset quickstart test lint bench clean
+.PHONY: venv dataset quickstart test lint wheel bench clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -25,6 +26,10 @@ test: venv dataset
 
 lint: venv
 	$(PY) -m ruff check .
+
+## Build the wheel and import it (configs, suites, entry points) from outside the checkout.
+wheel: venv
+	PY=$(PY) bash .ci/check_wheel
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

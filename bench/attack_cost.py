@@ -21,25 +21,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attacks.attack import frozen_eval  # noqa: E402
-from evaluation.registry import ATTACKS  # noqa: E402
-from evaluation.engine import Collectives, RobustnessEvaluator, _pad_to  # noqa: E402
-from evaluation.suite import Suite  # noqa: E402
+from robust_ranking.attacks.attack import frozen_eval
+from robust_ranking.evaluation.engine import Collectives, RobustnessEvaluator, _pad_to
+from robust_ranking.evaluation.registry import ATTACKS
+from robust_ranking.evaluation.suite import Suite
 
 
 def build_model(args: argparse.Namespace):
     from pytorch_metric_learning.distances import CosineSimilarity
     from pytorch_metric_learning.losses import TripletMarginLoss
 
-    from lightning_modules import C2F1, LeNet, MetricRanker
+    from robust_ranking.lightning_modules import C2F1, LeNet, MetricRanker
 
     torch.manual_seed(0)
     dim = args.embedding_dim or (1024 if args.model == "c2f1" else 128)
@@ -48,7 +45,7 @@ def build_model(args: argparse.Namespace):
 
 
 def build_data(args: argparse.Namespace):
-    from data import FashionMNISTDataModule, SyntheticDataModule
+    from robust_ranking.data import FashionMNISTDataModule, SyntheticDataModule
 
     if args.data == "fashion-mnist":
         dm = FashionMNISTDataModule(eval_batch_size=1000)
@@ -60,8 +57,8 @@ def build_data(args: argparse.Namespace):
 
 
 def load_checkpoint(path: str):
-    from data import RetrievalDataModule
-    from evaluation.checkpoints import instantiate, load_ranker, run_config
+    from robust_ranking.data import RetrievalDataModule
+    from robust_ranking.evaluation.checkpoints import instantiate, load_ranker, run_config
 
     ckpt = Path(path)
     model_section, data_section, where = run_config(ckpt, None)

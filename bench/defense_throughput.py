@@ -26,21 +26,17 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from callbacks import MaxShiftAdversarialTraining  # noqa: E402
-from data import FashionMNISTDataModule, RetrievalDataModule, SyntheticDataModule  # noqa: E402
-from lightning_modules import C2F1, LeNet, MetricRanker  # noqa: E402
+from robust_ranking.callbacks import MaxShiftAdversarialTraining
+from robust_ranking.data import FashionMNISTDataModule, RetrievalDataModule, SyntheticDataModule
+from robust_ranking.lightning_modules import C2F1, LeNet, MetricRanker
 
 
 class BatchTimer(pl.Callback):

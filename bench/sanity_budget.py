@@ -1,5 +1,5 @@
 """How large the sanity checks' PGD budget must be: the unbounded (eps = 1) rank attacks on the tiny
-test ranker (tests/conftest.py) for several steps / step sizes, T = 50.
+test ranker (tests/conftest.py; its copy bench/tiny_ranker.py) for several steps / step sizes, T = 50.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/sanity_budget.py
 
@@ -9,19 +9,14 @@ Prints, per (steps, alpha), the mean rank each sanity configuration reaches and 
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tiny ranker lives in the tests' conftest
     import torch
+    from tiny_ranker import train_tiny_ranker  # bench/tiny_ranker.py (the script's folder is on the path)
 
-    from conftest import train_tiny_ranker
-    from evaluation import RobustnessEvaluator, Suite
+    from robust_ranking.evaluation import RobustnessEvaluator, Suite
 
     torch.set_num_threads(1)
     tiny = train_tiny_ranker()

@@ -25,17 +25,13 @@ Run used in docs/dch.md::
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attacks import Gallery, SDHAAttack  # noqa: E402
-from lightning_modules import C2F1, DCHLoss, DCHRanker, UnsafeCheckpointError, load_checkpoint  # noqa: E402
-from retrieval import sign_codes  # noqa: E402
+from robust_ranking.attacks import Gallery, SDHAAttack
+from robust_ranking.lightning_modules import C2F1, DCHLoss, DCHRanker, UnsafeCheckpointError, load_checkpoint
+from robust_ranking.retrieval import sign_codes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,20 +1,13 @@
-"""Shared helpers of the PQ scripts (``scripts/pq_eval.py``, ``scripts/pq_ag_table.py``).
-
-Model specs on the command line (``LABEL=SPEC``):
-
-- ``pq:<ckpt>`` -- a checkpoint of a PQ ranker: a :class:`lightning_modules.DPQNRanker` of
-  ``train.py``, or a :class:`lightning_modules.KMeansPQRanker` of ``scripts/pq_kmeans_checkpoint.py``;
-- ``kmeans:<ckpt>:<bits>[:<M>]`` -- any ranker checkpoint (e.g. a metric ranker) plus k-means PQ
-  codebooks of ``bits`` bits in ``M`` codebooks (default 4) fitted on the database embeddings
-  (:meth:`lightning_modules.KMeansPQRanker.fit`, faiss, seed 0).
+"""Helpers of ``scripts/pq_kmeans_checkpoint.py``: a ranker checkpoint and its run config, and the
+Fashion-MNIST query / database split of docs/dpqn.md (on whose database the k-means codebooks are fitted).
 
 A checkpoint is rebuilt from the ``model`` section of its run's ``config.yaml`` (LightningCLI
-saves it next to ``checkpoints/``) and its state dict is loaded strictly.
+saves it next to ``checkpoints/``) and its state dict is loaded strictly, through the engine's one
+safe loader. (The PQ-AG tables themselves come from eval.py reports: ``scripts/pq_ag_table.py``.)
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +15,10 @@ import torch
 import yaml
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from data import FashionMNISTDataModule  # noqa: E402
-from evaluation import checkpoints  # noqa: E402
-from evaluation.errors import EvaluationError  # noqa: E402
-from lightning_modules import KMeansPQRanker, Ranker  # noqa: E402
+from robust_ranking.data import FashionMNISTDataModule
+from robust_ranking.evaluation import checkpoints
+from robust_ranking.evaluation.errors import EvaluationError
+from robust_ranking.lightning_modules import Ranker
 
 
 @dataclass
@@ -79,42 +68,3 @@ def query_database(num_queries: int = 1000, database: str = "test_rest", seed: i
 def batched(fn, images: Tensor, batch_size: int = 1000) -> Tensor:
     """``fn`` over ``images`` in batches, concatenated."""
     return torch.cat([fn(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
-
-
-def build_model(spec: str, database: Split, return_embeddings: bool = False) -> Ranker | tuple[Ranker, Tensor | None]:
-    """A PQ ranker from a ``pq:<ckpt>`` / ``kmeans:<ckpt>:<bits>[:<M>]`` spec (see module doc).
-
-    ``return_embeddings``: also return the database embeddings the k-means codebooks were fitted
-    on (``None`` for ``pq:`` specs), so that callers can quantize them instead of embedding the
-    database a second time (what dominates the cost of a large backbone on CPU)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "pq":
-        model = load_ranker(rest)
-        if "codebooks" not in model.capabilities:
-            raise SystemExit(f"error: {rest} holds a {type(model).__name__} without codebooks; use kmeans:{rest}:<bits>")
-        return (model, None) if return_embeddings else model
-    if kind == "kmeans":
-        parts = rest.rsplit(":", 2)
-        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-            path, bits, num_codebooks = parts[0], int(parts[1]), int(parts[2])
-        else:
-            path, _, bits_text = rest.rpartition(":")
-            if not bits_text.isdigit():
-                raise SystemExit(f"error: bad model spec {spec!r}: kmeans:<ckpt>:<bits>[:<M>]")
-            bits, num_codebooks = int(bits_text), 4
-        ranker = load_ranker(path)
-        embeddings = batched(ranker.embed, database.images)
-        model = KMeansPQRanker.fit(ranker, embeddings, num_bits=bits, num_codebooks=num_codebooks).eval()
-        return (model, embeddings) if return_embeddings else model
-    raise SystemExit(f"error: bad model spec {spec!r}: pq:<ckpt> or kmeans:<ckpt>:<bits>[:<M>]")
-
-
-def parse_models(items: list[str]) -> list[tuple[str, str]]:
-    """``["LABEL=SPEC", ...]`` -> ``[(label, spec), ...]``."""
-    out = []
-    for item in items:
-        label, sep, spec = item.partition("=")
-        if not sep or not label or not spec:
-            raise SystemExit(f"error: --model wants LABEL=SPEC, got {item!r}")
-        out.append((label, spec))
-    return out

@@ -23,7 +23,7 @@ import torch
 import yaml
 from pq_common import batched, load_ranker, query_database, run_config
 
-from lightning_modules import KMeansPQRanker
+from robust_ranking.lightning_modules import KMeansPQRanker
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
                                    alpha=args.alpha, seed=0)
         folder = Path(args.out) / f"{bits}bit"
         (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-        config = {"model": {"class_path": "lightning_modules.KMeansPQRanker",
+        config = {"model": {"class_path": "robust_ranking.lightning_modules.KMeansPQRanker",
                             "init_args": {"ranker": source["model"], "num_bits": bits,
                                           "num_codebooks": args.num_codebooks, "alpha": args.alpha,
                                           "feature_dim": int(embeddings.shape[1])}},

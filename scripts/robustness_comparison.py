@@ -16,17 +16,12 @@ The robustness score of a merged column is recomputed from its merged results.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from evaluation.report import Report, write_atomic  # noqa: E402
-from evaluation.score import RobustnessScore  # noqa: E402
+from robust_ranking.evaluation.report import Report, write_atomic
+from robust_ranking.evaluation.score import RobustnessScore
 
 
 def _key(row: dict[str, Any]) -> tuple[str, float, Any]:

@@ -1,56 +1,68 @@
-"""Clean Hamming retrieval metrics of DCH checkpoints under the query / database protocol (SDHA Table 1).
+"""SDHA Table 1 (clean Hamming retrieval of DCH models, query / database protocol) from eval.py reports.
 
-For each checkpoint: the 1,000 test queries of its run's data config against the database (the
-60,000 training images), ranked by Hamming distance with ties broken by database index:
-mAP@1000 (SDHA / HAG), mAP over the whole ranking, mAP and precision within Hamming radius 2
-(DCH), and the precision-recall curve over Hamming radii. mAP@1000 is also re-computed from
-the faiss :class:`retrieval.HammingIndex` top-1000 lists as a cross-check.
+The metrics are computed by the engine: ``eval.py --ckpt <DCH checkpoint> --suite <a hashing suite>``
+on a run whose data has a query / database split (``configs/data/fashion_mnist_hashing.yaml``: the
+1,000 test queries against the 60,000 training images) writes, once per report, the section
+``clean_query_database`` (``evaluation.engine.clean_query_database_metrics``: every query against
+the database, Hamming ranking with ties broken by database index): mAP@1000 (SDHA / HAG), mAP over
+the whole ranking, mAP and precision within Hamming radius 2 (DCH), and the precision-recall curve
+over Hamming radii. This script only reads those reports and prints the table, one row per report
+(per code length)::
 
-    .venv/bin/python scripts/sdha_clean_map.py runs/fashion_mnist_dch_*/version_0/checkpoints/last.ckpt
+    OMP_NUM_THREADS=1 .venv/bin/python eval.py --ckpt runs/fashion_mnist_dch_64/version_0/checkpoints/last.ckpt \\
+        --suite configs/suites/sdha_tables_untargeted.yaml --output-dir runs/sdha/reports/64
+    .venv/bin/python scripts/sdha_clean_map.py runs/sdha/reports/*/*.sdha_tables_untargeted.json
+
+Reports without a hashing ``clean_query_database`` section (other rankers, a gallery-protocol data
+module, reports written before the section existed) are named on stderr and left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
+from typing import Any
 
-import torch
-
-from sdha_common import encode_set, load_run  # noqa: I001  (sets up sys.path)
-from retrieval import evaluate_hashing
-from retrieval.topk_metrics import average_precision_at_topk
+COLUMNS = ("map@1000", "map", "map@H<=2", "precision@H<=2")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def row_of(data: dict[str, Any], path: str | Path) -> dict[str, Any] | None:
+    """The Table 1 row of one report (``None`` without a hashing ``clean_query_database``)."""
+    section = data.get("clean_query_database")
+    if not isinstance(section, dict) or section.get("family") != "hashing":
+        return None
+    return {"report": str(path), "ckpt": data.get("checkpoint"), "bits": section.get("bits"),
+            "queries": section.get("queries"), "database": section.get("database"),
+            **{k: v for k, v in section.items() if k not in ("family", "bits", "queries", "database")}}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("ckpts", nargs="+")
-    parser.add_argument("--json", default=None, help="write the metrics (with PR curves) to this file")
+    parser.add_argument("reports", nargs="+", help="eval.py JSON reports of DCH checkpoints")
+    parser.add_argument("--json", default=None, help="write the rows (with the PR curves) to this file")
     args = parser.parse_args(argv)
     rows = []
-    for ckpt in args.ckpts:
-        start = time.perf_counter()
-        model, dm = load_run(ckpt)
-        q_codes, q_labels = encode_set(model, dm.query_set)
-        db_codes, db_labels = encode_set(model, dm.database_set)
-        out = evaluate_hashing(q_codes, q_labels, db_codes, db_labels, topks=(1000, None), radius=2)
-        _, ids = model.build_index(db_codes).search(q_codes, min(1000, len(db_labels)))
-        out["map@1000_faiss"] = float(average_precision_at_topk(db_labels[ids] == q_labels[:, None]).mean())
-        out.update(ckpt=ckpt, bits=model.hash_bits, queries=len(q_labels), database=len(db_labels),
-                   seconds=time.perf_counter() - start)
-        rows.append(out)
+    for path in args.reports:
+        row = row_of(json.loads(Path(path).read_text()), path)
+        if row is None:
+            print(f"{path}: no hashing clean_query_database section (not a DCH report on a query / database "
+                  "split?): left out", file=sys.stderr)
+            continue
+        rows.append(row)
+    if not rows:
+        raise SystemExit("error: no report with a hashing clean_query_database section")
+    rows.sort(key=lambda r: (r["bits"] is None, r["bits"] or 0))  # stable: same bits keep their order
     print("| bits | mAP@1000 | mAP (all) | mAP@H<=2 | P@H<=2 | queries x database | checkpoint |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        assert abs(r["map@1000"] - r["map@1000_faiss"]) < 1e-6, "faiss and brute-force rankings disagree"
-        print(f"| {r['bits']} | {r['map@1000']:.4f} | {r['map']:.4f} | {r['map@H<=2']:.4f} | "
-              f"{r['precision@H<=2']:.4f} | {r['queries']} x {r['database']} | {r['ckpt']} |")
+        values = " | ".join("–" if r.get(k) is None else f"{r[k]:.4f}" for k in COLUMNS)
+        print(f"| {r['bits']} | {values} | {r['queries']} x {r['database']} | {r['ckpt'] or r['report']} |")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

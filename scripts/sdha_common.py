@@ -1,8 +1,10 @@
-"""Helpers of the SDHA scripts: load a DCH run (checkpoint + its LightningCLI config), encode splits."""
+"""Helpers for the SDHA tests and studies: load a DCH run (checkpoint + its LightningCLI config), fetch images.
+
+The SDHA tables themselves are read from eval.py reports (``scripts/sdha_tables.py``,
+``scripts/sdha_clean_map.py``), which need none of this."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +13,10 @@ import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from data import RetrievalDataModule, collate_retrieval_batch  # noqa: E402
-from evaluation import checkpoints  # noqa: E402
-from evaluation.errors import EvaluationError  # noqa: E402
-from lightning_modules import DCHRanker  # noqa: E402
+from robust_ranking.data import RetrievalDataModule, collate_retrieval_batch
+from robust_ranking.evaluation import checkpoints
+from robust_ranking.evaluation.errors import EvaluationError
+from robust_ranking.lightning_modules import DCHRanker
 
 
 def run_config(ckpt: Path) -> dict[str, Any]:
@@ -59,14 +57,3 @@ def images_of(dataset: Dataset, indices: Tensor | None = None, batch_size: int =
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
-
-
-@torch.no_grad()
-def encode_set(model: DCHRanker, dataset: Dataset, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-    """``(sign codes [N, K], labels [N])`` of a whole dataset."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_retrieval_batch)
-    codes, labels = [], []
-    for x, y, _ in loader:
-        codes.append(model.encode(x))
-        labels.append(y)
-    return torch.cat(codes), torch.cat(labels)

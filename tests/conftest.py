@@ -9,8 +9,8 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-from data import SyntheticDataModule
-from lightning_modules import LeNet, MetricRanker
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import LeNet, MetricRanker
 from run_helpers import fit_with_adam
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import train
+from robust_ranking.cli import train
 
 
 def fit_with_adam(model: nn.Module, datamodule: Any, epochs: int, lr: float = 1e-3) -> None:
@@ -38,4 +38,5 @@ def report_numbers(report: dict[str, Any]) -> dict[str, Any]:
     """An eval.py report without its wall times (which differ from run to run)."""
     results = [{k: v for k, v in r.items() if k != "wall_s"} for r in report["results"]]
     return {"results": results, "clean": report["clean"], "score": report["robustness_score"],
-            "T": report["num_samples"], "indices": report["attacked_indices"]}
+            "T": report["num_samples"], "indices": report["attacked_indices"],
+            "clean_query_database": report.get("clean_query_database")}

@@ -1,4 +1,4 @@
-"""Attack lifecycle (attacks/attack.py): model state, gradients, inference mode, validation."""
+"""Attack lifecycle (robust_ranking/attacks/attack.py): model state, gradients, inference mode, validation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import (
+from robust_ranking.attacks import (
     Attack,
     AttackResult,
     CandidateAttack,

@@ -1,4 +1,4 @@
-"""PGD optimizer and the ECCV 2020 step rules (attacks/pgd.py)."""
+"""PGD optimizer and the ECCV 2020 step rules (robust_ranking/attacks/pgd.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attacks import eccv_step_rules, pgd_linf, project_linf
+from robust_ranking.attacks import eccv_step_rules, pgd_linf, project_linf
 
 
 @pytest.mark.parametrize(

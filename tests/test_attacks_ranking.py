@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import CandidateAttack, Gallery, MaxShiftAttack, QueryAttack, embedding_shift, max_shift_perturb
+from robust_ranking.attacks import CandidateAttack, Gallery, MaxShiftAttack, QueryAttack, embedding_shift, max_shift_perturb
 
 
 class ToyRanker(nn.Module):

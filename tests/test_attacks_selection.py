@@ -1,4 +1,4 @@
-"""Per-sample-index target selection (attacks/selection.py) and the normalized rank (attacks/ranks.py)."""
+"""Per-sample-index target selection (robust_ranking/attacks/selection.py) and the normalized rank (robust_ranking/attacks/ranks.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attacks import (
+from robust_ranking.attacks import (
     keyed_uniform,
     keys,
     nearest_excluding,

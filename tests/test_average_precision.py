@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.average_precision import average_precision, average_precisions, ranked_relevance, stable_ranking
+from robust_ranking.retrieval.average_precision import average_precision, average_precisions, ranked_relevance, stable_ranking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,8 +161,8 @@ def test_agrees_with_torchmetrics_without_ties(seed: int, k) -> None:
 
 # --------------------------------------------------------------------------- the callers
 def test_metric_functions_return_the_functional_numbers() -> None:
-    from retrieval.metrics import map_at_r, mean_average_precision
-    from retrieval.topk_metrics import evaluate_query_database, map_at_topk
+    from robust_ranking.retrieval.metrics import map_at_r, mean_average_precision
+    from robust_ranking.retrieval.topk_metrics import evaluate_query_database, map_at_topk
 
     d, ql, dl = random_problem(7, num_q=9, num_n=40)
     rel = ranked_relevance(d, ql, dl)
@@ -181,7 +181,7 @@ def test_metric_functions_return_the_functional_numbers() -> None:
 
 
 def test_hamming_ball_ap_is_the_masked_full_ap() -> None:
-    from retrieval.hashing_metrics import map_within_hamming_radius
+    from robust_ranking.retrieval.hashing_metrics import map_within_hamming_radius
 
     d, ql, dl = random_problem(2, num_values=5)
     rel = ranked_relevance(d, ql, dl)
@@ -194,12 +194,12 @@ def test_hamming_ball_ap_is_the_masked_full_ap() -> None:
 
 
 AP_CALLERS = [
-    "retrieval/metrics.py",
-    "retrieval/topk_metrics.py",
-    "retrieval/hashing_metrics.py",
-    "attacks/quantization/pq_ag_attack.py",
-    "attacks/universal/uap_retrieval.py",
-    "attacks/hashing/hashing_attack.py",
+    "robust_ranking/retrieval/metrics.py",
+    "robust_ranking/retrieval/topk_metrics.py",
+    "robust_ranking/retrieval/hashing_metrics.py",
+    "robust_ranking/attacks/quantization/pq_ag_attack.py",
+    "robust_ranking/attacks/universal/uap_retrieval.py",
+    "robust_ranking/attacks/hashing/hashing_attack.py",
 ]
 
 
@@ -210,7 +210,7 @@ def test_callers_use_the_functional_module(path: str) -> None:
     imported = {
         alias.name
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "retrieval.average_precision"
+        if isinstance(node, ast.ImportFrom) and node.module == "robust_ranking.retrieval.average_precision"
         for alias in node.names
     }
     assert imported & {"average_precision", "average_precisions"}, f"{path} does not call retrieval.average_precision"

@@ -7,8 +7,8 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-from attacks import NotApplicableError, PQAGAttack, SDHAAttack
-from lightning_modules import (
+from robust_ranking.attacks import NotApplicableError, PQAGAttack, SDHAAttack
+from robust_ranking.lightning_modules import (
     DCHRanker,
     DPQNRanker,
     HashingRanker,

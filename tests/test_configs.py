@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import train
+from robust_ranking.cli import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data import RetrievalBatch, SyntheticDataModule, TensorImageDataset
+from robust_ranking.data import RetrievalBatch, SyntheticDataModule, TensorImageDataset
 
 
 def _fake_trainer(world_size: int, rank: int, use_distributed_sampler: bool = False) -> SimpleNamespace:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import CIFAR10DataModule, StanfordOnlineProductsDataModule
+from robust_ranking.data import CIFAR10DataModule, StanfordOnlineProductsDataModule
 
 
 def _write_cifar(root: Path, per_batch: int = 20, bytes_keys: bool = True) -> np.ndarray:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import data.fashion_mnist
-import data.mnist
-from data import FashionMNISTDataModule, MNISTDataModule, read_idx_ubyte, write_idx_ubyte
+from robust_ranking import data
+import robust_ranking.data.fashion_mnist  # noqa: F401
+import robust_ranking.data.mnist  # noqa: F401
+from robust_ranking.data import FashionMNISTDataModule, MNISTDataModule, read_idx_ubyte, write_idx_ubyte
 
 DEBIAN = Path(data.fashion_mnist.FASHION_MNIST_DEBIAN_DIR)
 needs_debian = pytest.mark.skipif(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import ClassBalancedBatchSampler
+from robust_ranking.data import ClassBalancedBatchSampler
 
 
 def _labels(num_classes: int = 10, per_class: int = 60, seed: int = 0) -> np.ndarray:

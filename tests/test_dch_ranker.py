@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from data import SyntheticDataModule
-from lightning_modules import DCHLoss, DCHRanker, LeNet
-from lightning_modules.dch_loss import normalized_hamming_distance
-from retrieval import HammingIndex, evaluate_hashing
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import DCHLoss, DCHRanker, LeNet
+from robust_ranking.lightning_modules.dch_loss import normalized_hamming_distance
+from robust_ranking.retrieval import HammingIndex, evaluate_hashing
 from run_helpers import fit_with_adam
 
 

@@ -9,9 +9,9 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 from torch import nn
 
-from callbacks import MaxShiftAdversarialTraining
-from data import SyntheticDataModule
-from lightning_modules import LeNet, MetricRanker
+from robust_ranking.callbacks import MaxShiftAdversarialTraining
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import LeNet, MetricRanker
 
 BATCH = 16  # 4 classes x 4 samples; 64 training images -> 4 batches per epoch
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-import train
-from callbacks import MaxShiftAdversarialTraining
-from data import write_idx_ubyte
+from robust_ranking.cli import train
+from robust_ranking.callbacks import MaxShiftAdversarialTraining
+from robust_ranking.data import write_idx_ubyte
 
 REPO = Path(__file__).resolve().parents[1]
 DEFENDED_CONFIGS = ["fashion_mnist_ctd.yaml", "mnist_ctd.yaml", "fashion_mnist_etd.yaml"]
@@ -85,16 +85,16 @@ trainer:
       save_dir: {save_dir}
       name: ddp_defense
   callbacks:
-    - class_path: callbacks.MaxShiftAdversarialTraining
+    - class_path: robust_ranking.callbacks.MaxShiftAdversarialTraining
       init_args:
         eps: 0.1
         steps: 2
         mix_ratio: 0.5
 model:
-  class_path: lightning_modules.MetricRanker
+  class_path: robust_ranking.lightning_modules.MetricRanker
   init_args:
     backbone:
-      class_path: lightning_modules.LeNet
+      class_path: robust_ranking.lightning_modules.LeNet
       init_args:
         embedding_dim: 16
     loss:
@@ -104,7 +104,7 @@ model:
         distance:
           class_path: pytorch_metric_learning.distances.CosineSimilarity
 data:
-  class_path: data.SyntheticDataModule
+  class_path: robust_ranking.data.SyntheticDataModule
   init_args:
     batch_size: 16
     samples_per_class: 4

@@ -11,12 +11,12 @@ import torch
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-import train
-from data import SyntheticDataModule
-from lightning_modules import DPQNRanker, KMeansPQRanker, LeNet, SoftProductQuantizer
-from lightning_modules.soft_product_quantizer import split_bits
-from retrieval import PQIndex
-from retrieval.topk_metrics import map_at_topk
+from robust_ranking.cli import train
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import DPQNRanker, KMeansPQRanker, LeNet, SoftProductQuantizer
+from robust_ranking.lightning_modules.soft_product_quantizer import split_bits
+from robust_ranking.retrieval import PQIndex
+from robust_ranking.retrieval.topk_metrics import map_at_topk
 from test_configs import resolved_config
 from run_helpers import fit_with_adam
 
@@ -165,7 +165,7 @@ CONFIGS = {bits: REPO / "configs" / f"fashion_mnist_dpqn_{bits}bit.yaml" for bit
 def test_dpqn_configs_have_the_documented_bit_budgets(bits):
     spec = resolved_config("--config", str(CONFIGS[bits]))  # a paper config is a stack of overlays
     args = spec["model"]["init_args"]
-    assert spec["model"]["class_path"] == "lightning_modules.DPQNRanker"
+    assert spec["model"]["class_path"] == "robust_ranking.lightning_modules.DPQNRanker"
     assert args["num_bits"] == bits and args["num_codebooks"] == 4
     assert split_bits(bits, 4) == {16: 16, 24: 64, 32: 256, 36: 512}[bits]
     assert spec["trainer"]["logger"]["init_args"]["name"] == CONFIGS[bits].stem
@@ -176,7 +176,7 @@ def test_train_py_fits_dpqn_and_logs_sdc_and_adc_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = train.main([
         "fit", "--config", str(CONFIGS[24]), "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
-        "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+        "--data", "robust_ranking.data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
         "--data.num_queries", "16", "--model.init_args.backbone.init_args.embedding_dim", "16",
     ])
     metrics = cli.trainer.callback_metrics
@@ -184,7 +184,7 @@ def test_train_py_fits_dpqn_and_logs_sdc_and_adc_metrics(tmp_path, monkeypatch):
     assert cli.trainer.checkpoint_callback.monitor == "val/adc_map"
     assert 0.0 <= float(metrics["val/adc_map"]) <= 1.0
     # the checkpoint records the config: load_ranker rebuilds the whole DPQN (what eval.py does)
-    from lightning_modules import load_ranker
+    from robust_ranking.lightning_modules import load_ranker
 
     restored = load_ranker(cli.trainer.checkpoint_callback.best_model_path).eval()
     x = torch.rand(4, 1, 28, 28)
@@ -195,15 +195,15 @@ def test_kmeans_pq_checkpoint_is_rebuilt_from_a_config_section(tiny_ranker):
     """What eval.py does with scripts/pq_kmeans_checkpoint.py output: config -> model -> state dict."""
     from jsonargparse import ArgumentParser
 
-    from lightning_modules import Ranker
+    from robust_ranking.lightning_modules import Ranker
 
     ranker = tiny_ranker.model
     images = torch.stack([tiny_ranker.datamodule.eval_set[i][0] for i in range(100)])
     with torch.no_grad():
         fitted = KMeansPQRanker.fit(ranker, ranker.embed(images), num_bits=8, num_codebooks=2).eval()
-    section = {"class_path": "lightning_modules.KMeansPQRanker", "init_args": {
-        "ranker": {"class_path": "lightning_modules.MetricRanker", "init_args": {
-            "backbone": {"class_path": "lightning_modules.LeNet", "init_args": {"embedding_dim": 16}},
+    section = {"class_path": "robust_ranking.lightning_modules.KMeansPQRanker", "init_args": {
+        "ranker": {"class_path": "robust_ranking.lightning_modules.MetricRanker", "init_args": {
+            "backbone": {"class_path": "robust_ranking.lightning_modules.LeNet", "init_args": {"embedding_dim": 16}},
             "loss": {"class_path": "pytorch_metric_learning.losses.TripletMarginLoss",
                      "init_args": {"margin": 0.2, "distance": {
                          "class_path": "pytorch_metric_learning.distances.CosineSimilarity"}}}}},

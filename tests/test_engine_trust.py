@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from attacks import CandidateAttack
-from attacks.gallery import Gallery
-from evaluation.report import Report
-from evaluation.engine import InvalidInputError, RobustnessEvaluator
-from evaluation.score import RobustnessScore
-from evaluation.suite import SanitySettings, Suite, SuiteError
+from robust_ranking.attacks import CandidateAttack
+from robust_ranking.attacks.gallery import Gallery
+from robust_ranking.evaluation.report import Report
+from robust_ranking.evaluation.engine import InvalidInputError, RobustnessEvaluator
+from robust_ranking.evaluation.score import RobustnessScore
+from robust_ranking.evaluation.suite import SanitySettings, Suite, SuiteError
 
 RANK_ATTACKS = [
     {"attack": "CA+", "epsilons": [0.1], "w": [1], "steps": 3},

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as eval_script
+from robust_ranking.cli import eval as eval_script
 from run_helpers import train_in
-from evaluation.engine import RobustnessEvaluator
+from robust_ranking.evaluation.engine import RobustnessEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,10 +32,10 @@ trainer:
     class_path: pytorch_lightning.loggers.TensorBoardLogger
     init_args: {save_dir: runs, name: tiny}
 model:
-  class_path: lightning_modules.MetricRanker
+  class_path: robust_ranking.lightning_modules.MetricRanker
   init_args:
     backbone:
-      class_path: lightning_modules.LeNet
+      class_path: robust_ranking.lightning_modules.LeNet
       init_args: {embedding_dim: 16}
     loss:
       class_path: pytorch_metric_learning.losses.TripletMarginLoss
@@ -43,7 +43,7 @@ model:
         margin: 0.2
         distance: {class_path: pytorch_metric_learning.distances.CosineSimilarity}
 data:
-  class_path: data.SyntheticDataModule
+  class_path: robust_ranking.data.SyntheticDataModule
   init_args: {test_per_class: 25, eval_batch_size: 64}
 """
 
@@ -135,7 +135,7 @@ def _text_file(tmp_path: Path) -> Path:
         ("w_too_large", "w=200 needs a gallery of more than 200 items, but the gallery has 100"),
         ("not_a_ranker", "cannot load a Ranker from {tmp}/other.ckpt"),
         ("text_file", "{tmp}/notes.ckpt is not a checkpoint"),
-        ("no_data_config", "pass --data-config"),
+        ("no_data_config", "pass --data_config"),
         ("bad_num_samples", "num_samples must be an integer >= 1 or -1"),
         ("bad_flag", "unrecognized arguments: --epsilon"),
     ],
@@ -177,8 +177,9 @@ def test_interrupted_run_keeps_the_finished_report(tiny_run, tmp_path, monkeypat
     args = ["--ckpt", str(tiny_run["ckpt"]), "--suite", str(tiny_run["suite"]), "--output-dir", str(tmp_path)]
     run_eval(args)
     stem = f"{tiny_run['ckpt'].stem}.eval-test"
-    finished = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert set(finished) == {f"{stem}.json", f"{stem}.md"}
+    finished = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert set(finished) == {f"{stem}.json", f"{stem}.md", f"{stem}.curves.png"}
+    assert (tmp_path / "tensorboard" / stem).is_dir()  # the checkpoint's TensorBoard sub-run
 
     original = RobustnessEvaluator._reduce
     count = {"n": 0}
@@ -203,7 +204,7 @@ def test_interrupted_run_keeps_the_finished_report(tiny_run, tmp_path, monkeypat
 def test_ddp_two_processes_give_the_single_process_numbers(tiny_run, tmp_path):
     """World size 2 (gloo, CPU) and world size 1 write the same numbers, exactly: targets are
     keyed per sample, every forward has the same batch shape and the reduction is in sample
-    order (see evaluation/engine.py), so no tolerance is needed."""
+    order (see robust_ranking/evaluation/engine.py), so no tolerance is needed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     reports = {}
     for devices in (2, 1):

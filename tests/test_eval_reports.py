@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as eval_script
-from evaluation.engine import RobustnessEvaluator
+from robust_ranking.cli import eval as eval_script
+from robust_ranking.evaluation.engine import RobustnessEvaluator
 from test_eval import REPO, run_eval, strip_timing, tiny_run  # noqa: F401  (tiny_run is a fixture)
 
 LONG_SUITE = """
@@ -40,12 +40,15 @@ def test_reports_are_named_after_checkpoint_and_suite(tiny_run, tmp_path):  # no
     run_eval(args_for(tiny_run, tmp_path))
     run_eval(["--ckpt", str(tiny_run["ckpt"]), "--suite", str(other), "--output-dir", str(tmp_path)])
     stem = tiny_run["ckpt"].stem
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{stem}.eval-test.json", f"{stem}.eval-test.md", f"{stem}.other-suite.json", f"{stem}.other-suite.md"])
+    reports = [f"{stem}.eval-test.json", f"{stem}.eval-test.md", f"{stem}.other-suite.json", f"{stem}.other-suite.md"]
+    figures = [f"{stem}.eval-test.curves.png", f"{stem}.other-suite.curves.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*reports, *figures, "tensorboard"])
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == [f"{stem}.eval-test", f"{stem}.other-suite"]
     mask = os.umask(0o022)
     os.umask(mask)
-    for path in tmp_path.iterdir():
-        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, f"{path.name} must follow the umask"
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~mask, f"{path.name} must follow the umask"
 
 
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -71,7 +74,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_run, tmp_
     assert err == [f"eval.py: interrupted after 2 of 5 configurations; run the same command to resume "
                    f"(partial report: {out / (tiny_run['ckpt'].stem + '.eval-test.partial.json')})"]
     stem = f"{tiny_run['ckpt'].stem}.eval-test"
-    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.partial.json"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.partial.json", "tensorboard"]  # no finished report
     partial = json.loads((out / f"{stem}.partial.json").read_text())
     assert partial["partial"] is True and len(partial["results"]) == 2
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as eval_script
+from robust_ranking.cli import eval as eval_script
 from run_helpers import train_in
-from evaluation.registry import ATTACKS
-from evaluation.suite import SUITE_KINDS, Suite
-from attacks.transfer import embed_all, transfer_attack
-from data import RetrievalDataModule
-from evaluation.checkpoints import instantiate, load_ranker, run_config
-from evaluation.data import gallery_tensors
+from robust_ranking.evaluation.registry import ATTACKS
+from robust_ranking.evaluation.suite import SUITE_KINDS, Suite
+from robust_ranking.attacks.transfer import embed_all, transfer_attack
+from robust_ranking.data import RetrievalDataModule
+from robust_ranking.evaluation.checkpoints import instantiate, load_ranker, run_config
+from robust_ranking.evaluation.data import gallery_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 TRANSFER_SUITES = sorted((REPO / "configs" / "suites").glob("transfer*.yaml"))
@@ -40,10 +40,10 @@ trainer:
     class_path: pytorch_lightning.loggers.TensorBoardLogger
     init_args: {{save_dir: runs, name: {name}}}
 model:
-  class_path: lightning_modules.MetricRanker
+  class_path: robust_ranking.lightning_modules.MetricRanker
   init_args:
     backbone:
-      class_path: lightning_modules.{backbone}
+      class_path: robust_ranking.lightning_modules.{backbone}
       init_args: {{embedding_dim: 16}}
     loss:
       class_path: pytorch_metric_learning.losses.TripletMarginLoss
@@ -51,7 +51,7 @@ model:
         margin: 0.2
         distance: {{class_path: pytorch_metric_learning.distances.CosineSimilarity}}
 data:
-  class_path: data.SyntheticDataModule
+  class_path: robust_ranking.data.SyntheticDataModule
   init_args: {{test_per_class: 25, eval_batch_size: 64}}
 """
 
@@ -213,8 +213,9 @@ def test_universal_cli_moves_ranks_in_direction(runs, tmp_path):
         ("missing_source", "checkpoint {tmp}/missing.ckpt does not exist"),
         ("universal_source", "is a universal suite; transfer takes per-sample CA / QA attacks"),
         ("es_transfer", "ES cannot be transferred"),
-        ("devices_transfer", "--devices 2: transfer runs in a single process"),
-        ("devices_universal", "--devices 2: universal suites fit one perturbation in a single process"),
+        # --devices N works in both modes (tests/test_universal_transfer_ddp.py); a half precision does not.
+        ("precision_transfer", "--precision bf16: transfer runs attack in 32-bit precision"),
+        ("precision_universal", "--precision bf16: universal suites attack in 32-bit precision"),
         ("universal_typo", "unknown key 'epoch' (did you mean 'epochs'?)"),
         ("universal_too_big", "needs a fit set and a disjoint unseen set of that size, but the gallery has 100"),
         ("fixed_input", "the model does not take 14x14 inputs"),
@@ -228,7 +229,7 @@ def test_errors_are_one_line_and_exit_2(runs, tmp_path, capsys, case, expected):
     args = ["--ckpt", a]
     universal = {
         "universal_source": "{attack: I-CA+, epsilons: [0.1]}",
-        "devices_universal": "{attack: I-CA+, epsilons: [0.1]}",
+        "precision_universal": "{attack: I-CA+, epsilons: [0.1]}",
         "universal_typo": "{attack: I-CA+, epsilons: [0.1], epoch: 3}",
         "universal_too_big": "{attack: I-CA+, epsilons: [0.1]}",
         "fixed_input": "{attack: 'UAP-IR:list', epsilons: [0.1], resize_range: [0.5, 1.0]}",
@@ -245,10 +246,10 @@ def test_errors_are_one_line_and_exit_2(runs, tmp_path, capsys, case, expected):
         suite = tmp_path / "es.yaml"
         suite.write_text("attacks: [{attack: CA+, epsilons: [0.1]}, {attack: ES, epsilons: [0.1]}]\n")
         args += ["--source", a]
-    elif case == "devices_transfer":
-        args += ["--source", a, "--devices", "2"]
-    elif case == "devices_universal":
-        args += ["--devices", "2"]
+    elif case == "precision_transfer":
+        args += ["--source", a, "--precision", "bf16"]
+    elif case == "precision_universal":
+        args += ["--precision", "bf16"]
     elif case == "gallery_too_big":
         args += ["--source", a, "--gallery-size", "1000"]
     elif case == "bad_kind":

@@ -12,8 +12,9 @@ EXACTLY (no tolerance; NaN equals NaN, ``1`` is not ``1.0``):
   also checks that it holds the numbers of ``ranking.json``;
 - ``pqag.json``: PQ-AG Basic / APD / AOD (``configs/suites/pqag_table.yaml``'s shape) on a tiny DPQN;
 - ``hashing.json``: SDHA, SDHA-UW, HAG, SDHA-T, SDHA-UW-T, DHTA (``sdha_quick.yaml``'s shape) on a tiny DCH;
-- ``sdha_tables.json``: ``scripts/sdha_tables.py``'s per-iteration AP / l2 traces of the six hashing
-  attacks on the same DCH (untargeted, then targeted with the binary search of alpha, merged);
+- ``sdha_tables.json``: the per-iteration AP / l2 traces of the six hashing attacks on the same DCH
+  (untargeted, and targeted with the binary search of alpha), as ``eval.py`` gathers them (a suite with
+  ``traces: true``) and ``scripts/sdha_tables.py`` reads them (fixed when that script ran the attacks);
 - ``universal.json``: I-CA+ / I-CA- / I-QA+ / I-QA- (``universal_eccv2020*.yaml``'s shapes, per-sample
   and shared targets) on a tiny metric ranker;
 - ``uap.json``: UAP-IR label / pair / list (``uap_retrieval*.yaml``'s shapes: no resizing, a resize
@@ -21,8 +22,8 @@ EXACTLY (no tolerance; NaN equals NaN, ``1`` is not ``1.0``):
 - ``transfer.json``: ``eval.py --source A B --ckpt A B`` (a 2 x 2 matrix per attack) on two tiny rankers.
 
 Everything goes through stable entry points only: ``eval.main``, ``train.py`` (``run_helpers.train_in``)
-and ``scripts/sdha_tables.py``'s ``main``; the tiny models are trained once per module. A golden file
-is the report with the fields that differ from run to run removed (:data:`VOLATILE`: wall times,
+and ``scripts/sdha_tables.py``'s ``load_results`` (imported by file path); the tiny models are trained
+once per module. A golden file is the report with the fields that differ from run to run removed (:data:`VOLATILE`: wall times,
 dates, versions, paths, fingerprints, TensorBoard folders); every number stays. The comparison
 (:func:`assert_matches`) requires every leaf of the golden file, and every list length, to be
 identical in the new report; a report may gain fields.
@@ -96,12 +97,24 @@ attacks:
   - {attack: DHTA, epsilons: [0.3], steps: 12, check_every: 4, alpha: 0.01, topk: 16, target_label: random}
 """
 
-# scripts/sdha_tables.py as tests/test_sdha_scripts.py runs it: the untargeted attacks, then the
-# targeted ones with two runs of SDHA's binary search of alpha, merged into one file.
-SDHA_TABLES_COMMON = ["--queries", "4", "--batch", "2", "--steps", "10", "--baseline-steps", "10", "--check-every",
-                      "5", "--eps", "0.3", "--topk", "10", "--lagrange", "100"]
-SDHA_TABLES_RUNS = [["--attacks", "SDHA", "SDHA-UW", "HAG"],
-                    ["--attacks", "SDHA-T", "SDHA-UW-T", "DHTA", "--search-steps", "2", "--goal-ap-targeted", "0.5"]]
+# The SDHA tables' traces (configs/suites/sdha_tables_*.yaml's shape, traces: true), as
+# scripts/sdha_tables.py ran them before the engine gathered traces: the untargeted attacks, then
+# the targeted ones with two runs of SDHA's binary search of alpha and success at AP 0.5; 4 queries
+# in batches of 2, 10 iterations, a check every 5, AP@10.
+SDHA_TABLES_SUITE = """
+name: golden-sdha-tables
+num_samples: 4
+seed: 0
+batch_size: 2
+traces: true
+attacks:
+  - {attack: SDHA, epsilons: [0.3], steps: 10, check_every: 5, topk: 10, lagrange: 100}
+  - {attack: SDHA-UW, epsilons: [0.3], steps: 10, check_every: 5, topk: 10, lagrange: 100}
+  - {attack: HAG, epsilons: [0.3], steps: 10, check_every: 5, topk: 10, lr: 500}
+  - {attack: SDHA-T, epsilons: [0.3], steps: 10, check_every: 5, topk: 10, lagrange: 100, target_label: random, search_steps: 2, goal_ap: 0.5}
+  - {attack: SDHA-UW-T, epsilons: [0.3], steps: 10, check_every: 5, topk: 10, lagrange: 100, target_label: random, search_steps: 2, goal_ap: 0.5}
+  - {attack: DHTA, epsilons: [0.3], steps: 10, check_every: 5, topk: 10, lr: 0.00392156862745098, target_label: random, goal_ap: 0.5}
+"""
 
 # universal_eccv2020.yaml (+ _eps: two epsilons, + _shared: one shared target set), shrunk: a fit set
 # of 8 in batches of 4, 2 epochs.
@@ -156,16 +169,16 @@ attacks:
 # The tiny ranker of conftest.py as an eval.py run: its state dict and the config that rebuilds it.
 RANKER_RUN_CONFIG = """
 model:
-  class_path: lightning_modules.MetricRanker
+  class_path: robust_ranking.lightning_modules.MetricRanker
   init_args:
-    backbone: {class_path: lightning_modules.LeNet, init_args: {embedding_dim: 16}}
+    backbone: {class_path: robust_ranking.lightning_modules.LeNet, init_args: {embedding_dim: 16}}
     loss:
       class_path: pytorch_metric_learning.losses.TripletMarginLoss
       init_args:
         margin: 0.2
         distance: {class_path: pytorch_metric_learning.distances.CosineSimilarity}
 data:
-  class_path: data.SyntheticDataModule
+  class_path: robust_ranking.data.SyntheticDataModule
   init_args: {test_per_class: 25, eval_batch_size: 64, seed: 0}
 """
 
@@ -183,10 +196,10 @@ trainer:
     class_path: pytorch_lightning.loggers.TensorBoardLogger
     init_args: {{save_dir: runs, name: {name}}}
 model:
-  class_path: lightning_modules.MetricRanker
+  class_path: robust_ranking.lightning_modules.MetricRanker
   init_args:
     backbone:
-      class_path: lightning_modules.{backbone}
+      class_path: robust_ranking.lightning_modules.{backbone}
       init_args: {{embedding_dim: 16}}
     loss:
       class_path: pytorch_metric_learning.losses.TripletMarginLoss
@@ -194,7 +207,7 @@ model:
         margin: 0.2
         distance: {{class_path: pytorch_metric_learning.distances.CosineSimilarity}}
 data:
-  class_path: data.SyntheticDataModule
+  class_path: robust_ranking.data.SyntheticDataModule
   init_args: {{test_per_class: 25, eval_batch_size: 64}}
 """
 
@@ -228,15 +241,15 @@ trainer:
       init_args:
         logging_interval: epoch
 model:
-  class_path: lightning_modules.DCHRanker
+  class_path: robust_ranking.lightning_modules.DCHRanker
   init_args:
     backbone:
-      class_path: lightning_modules.C2F1
+      class_path: robust_ranking.lightning_modules.C2F1
       init_args:
         in_channels: 1
         embedding_dim: 1024
     loss:
-      class_path: lightning_modules.DCHLoss
+      class_path: robust_ranking.lightning_modules.DCHLoss
       init_args:
         gamma: 20.0
         quantization_weight: 0.1
@@ -250,7 +263,7 @@ model:
       init_args:
         T_max: 5
 data:
-  class_path: data.FashionMNISTDataModule
+  class_path: robust_ranking.data.FashionMNISTDataModule
   init_args:
     batch_size: 128
     samples_per_class: 16
@@ -286,10 +299,10 @@ trainer:
       init_args:
         logging_interval: epoch
 model:
-  class_path: lightning_modules.DPQNRanker
+  class_path: robust_ranking.lightning_modules.DPQNRanker
   init_args:
     backbone:
-      class_path: lightning_modules.C2F1
+      class_path: robust_ranking.lightning_modules.C2F1
       init_args:
         in_channels: 1
         embedding_dim: 128
@@ -311,7 +324,7 @@ model:
       init_args:
         T_max: 3
 data:
-  class_path: data.FashionMNISTDataModule
+  class_path: robust_ranking.data.FashionMNISTDataModule
   init_args:
     batch_size: 128
     samples_per_class: 16
@@ -325,7 +338,7 @@ data:
 TINY_TRAINER = ["--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1"]
 # A query / database split of synthetic data: 24 queries, the other 40 test images the database.
-TINY_SPLIT = ["--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+TINY_SPLIT = ["--data", "robust_ranking.data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
               "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
               "--data.num_queries", "24", "--data.database", "test_rest"]
 
@@ -351,7 +364,7 @@ def train_dpqn(root: Path) -> Path:
     (root / "dpqn.yaml").write_text(DPQN_CONFIG)
     return _train(root, "tiny_dpqn", [
         "fit", "--config", str(root / "dpqn.yaml"), *TINY_TRAINER,
-        "--trainer.logger.init_args.name", "tiny_dpqn", "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--trainer.logger.init_args.name", "tiny_dpqn", "--model.init_args.backbone", "robust_ranking.lightning_modules.LeNet",
         "--model.init_args.backbone.init_args.embedding_dim", "16", "--model.init_args.num_bits", "16", *TINY_SPLIT])
 
 
@@ -360,7 +373,7 @@ def train_dch(root: Path) -> Path:
     (root / "dch.yaml").write_text(DCH_CONFIG)
     return _train(root, "tiny_dch", [
         "fit", "--config", str(root / "dch.yaml"), *TINY_TRAINER,
-        "--trainer.logger.init_args.name", "tiny_dch", "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--trainer.logger.init_args.name", "tiny_dch", "--model.init_args.backbone", "robust_ranking.lightning_modules.LeNet",
         "--model.init_args.backbone.init_args.embedding_dim", "32", *TINY_SPLIT])
 
 
@@ -425,7 +438,7 @@ def assert_matches(actual: Any, golden_name: str) -> None:
 
 
 def _eval(argv: list[str]) -> list[Any]:
-    import eval as eval_script
+    from robust_ranking.cli import eval as eval_script
 
     return eval_script.main([*argv, "--accelerator", "cpu", "--no-progress"])
 
@@ -438,8 +451,8 @@ def _suite(root: Path, text: str) -> Path:
 
 def ranking_numbers(tiny) -> dict:
     """Every reduced number of the golden ranking suite (as floats' exact reprs, via JSON), from the engine."""
-    from evaluation.engine import RobustnessEvaluator
-    from evaluation.suite import Suite
+    from robust_ranking.evaluation.engine import RobustnessEvaluator
+    from robust_ranking.evaluation.suite import Suite
 
     suite = Suite.from_dict(RANKING_SUITE)
     results = RobustnessEvaluator(suite, progress=False).run(tiny.model, tiny.datamodule.eval_set)
@@ -480,16 +493,23 @@ def suite_report(ckpt: Path, root: Path, suite_text: str, name: str) -> dict[str
     return strip(json.loads((out / f"{ckpt.stem}.{name}.json").read_text()))
 
 
-def sdha_tables_results(ckpt: Path, root: Path) -> dict[str, Any]:
-    """``scripts/sdha_tables.py``'s JSON (traces included) of the two :data:`SDHA_TABLES_RUNS`."""
-    if str(REPO / "scripts") not in sys.path:
-        sys.path.insert(0, str(REPO / "scripts"))
-    import sdha_tables
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` as a module, imported by file path (no ``sys.path`` edit)."""
+    import importlib.util
 
-    out = root / "sdha_tables.json"
-    for argv in SDHA_TABLES_RUNS:
-        sdha_tables.main(["--ckpt", str(ckpt), *argv, *SDHA_TABLES_COMMON, "--out", str(out)])
-    return strip(json.loads(out.read_text()))
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sdha_tables_results(ckpt: Path, root: Path) -> dict[str, Any]:
+    """:data:`SDHA_TABLES_SUITE` through ``eval.py`` (traces in the report), read back by
+    ``scripts/sdha_tables.py``: its merged results (traces included)."""
+    out = root / "sdha_tables_out"
+    _eval(["--ckpt", str(ckpt), "--suite", str(_suite(root, SDHA_TABLES_SUITE)), "--output-dir", str(out)])
+    report = out / f"{ckpt.stem}.golden-sdha-tables.json"
+    return strip(load_script("sdha_tables").load_results([report]))
 
 
 def transfer_report(ckpts: dict[str, Path], root: Path) -> dict[str, Any]:
@@ -626,5 +646,5 @@ def _regenerate(names: list[str]) -> None:
 
 
 if __name__ == "__main__":  # regenerate (only when a change is meant to alter the numbers)
-    sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
+    # run as a file: tests/ (conftest, run_helpers) is on the path; the package is installed
     _regenerate(sys.argv[1:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval import (
+from robust_ranking.retrieval import (
     HammingIndex,
     evaluate_hashing,
     hamming_distance,
@@ -16,8 +16,8 @@ from retrieval import (
     sign_codes,
     unpack_codes,
 )
-from retrieval.index import faiss_gpu_available
-from retrieval.topk_metrics import map_at_topk
+from robust_ranking.retrieval.index import faiss_gpu_available
+from robust_ranking.retrieval.topk_metrics import map_at_topk
 
 
 def random_codes(n: int, bits: int, seed: int, duplicates: bool = True) -> torch.Tensor:

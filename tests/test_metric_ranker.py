@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity, LpDistance
 from pytorch_metric_learning.losses import ContrastiveLoss, TripletMarginLoss
 
-from lightning_modules import C2F1, InputNormalization, LeNet, MetricRanker, Ranker, ResNet18
-from lightning_modules.distances import cosine_distance, euclidean_distance
-from retrieval.index import FaissFlatIndex, TorchFlatIndex
+from robust_ranking.lightning_modules import C2F1, InputNormalization, LeNet, MetricRanker, Ranker, ResNet18
+from robust_ranking.lightning_modules.distances import cosine_distance, euclidean_distance
+from robust_ranking.retrieval.index import FaissFlatIndex, TorchFlatIndex
 
 
 def make_ranker(distance=None, normalize: bool = True, **kwargs) -> MetricRanker:

@@ -7,9 +7,10 @@ import torch
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-from attacks import CandidateAttack, Gallery, NotApplicableError, PQAGAttack, QueryAttack, query_average_precision
-from data import SyntheticDataModule
-from lightning_modules import DPQNRanker, KMeansPQRanker, LeNet
+from robust_ranking.attacks import CandidateAttack, Gallery, NotApplicableError, PQAGAttack, QueryAttack, query_average_precision
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import DPQNRanker, KMeansPQRanker, LeNet
+from robust_ranking.evaluation.registry import PQ_AG_METRICS
 from run_helpers import fit_with_adam
 
 EPS = 0.1  # the synthetic classes are far apart: 8/255 barely moves a 16-d toy model
@@ -83,8 +84,19 @@ def test_paper_defaults_and_topk(dpqn):
     assert (attack.eps, attack.alpha, attack.steps, attack.random_start) == (8 / 255, 0.01, 5, True)
     assert attack.name == "PQ-AG:AOD" and attack.needs == {"codebooks"} and PQAGAttack("basic").needs == set()
     result = run(dpqn, PQAGAttack("apd", topk=5))
-    assert set(result.metrics) == {"ap_sdc", "ap_sdc_clean", "ap_adc", "ap_adc_clean", "code_change"}
+    assert set(result.metrics) == {"ap_sdc", "ap_sdc_clean", "ap_adc", "ap_adc_clean", "code_change", "feature_shift",
+                                   "peak_probability_clean", "entropy_clean"}
+    assert set(result.metrics) == set(PQ_AG_METRICS)
     assert float(result.perturbation.abs().max()) <= 8 / 255 + 1e-6
+    # feature shift and the clean soft assignment's statistics, per query (docs/results/pq_ag.md's analysis)
+    model, queries = dpqn.model, dpqn.queries
+    with torch.no_grad():
+        clean, adv = model.embed(queries), model.embed(result.adversarial)
+        p = model.soft_assignment(clean)
+    torch.testing.assert_close(result.metrics["feature_shift"], (adv - clean).pow(2).sum(-1))
+    torch.testing.assert_close(result.metrics["peak_probability_clean"], p.max(-1).values.mean(-1))
+    torch.testing.assert_close(result.metrics["entropy_clean"], -(p * p.clamp_min(1e-30).log()).sum(-1).mean(-1))
+    assert bool((result.metrics["feature_shift"] > 0).any())
 
 
 def test_results_do_not_depend_on_batching(dpqn):
@@ -106,7 +118,7 @@ def test_codebook_attacks_are_not_applicable_to_a_metric_ranker(tiny_ranker, dat
             PQAGAttack(variant)(ranker, gallery, queries, torch.arange(len(queries)), query_labels=labels)
     # Basic needs nothing beyond embed: AP under the ranker's own code distance
     result = PQAGAttack("basic", eps=EPS)(ranker, gallery, queries, torch.arange(len(queries)), query_labels=labels)
-    assert set(result.metrics) == {"ap", "ap_clean"}
+    assert set(result.metrics) == {"ap", "ap_clean", "feature_shift"}
     assert float(result.metrics["ap"].mean()) < float(result.metrics["ap_clean"].mean())
 
 
@@ -141,7 +153,7 @@ def test_ranking_attacks_run_on_dpqn_through_embed(dpqn):
 def test_registered_in_the_engine_with_the_paper_suite():
     from pathlib import Path
 
-    from evaluation import ATTACKS, Suite
+    from robust_ranking.evaluation import ATTACKS, Suite
 
     suite = Suite.from_yaml(Path(__file__).resolve().parents[1] / "configs/suites/pqag_table.yaml")
     assert [spec.attack for spec in suite.attacks] == ["PQ-AG:Basic", "PQ-AG:APD", "PQ-AG:AOD"]

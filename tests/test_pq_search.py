@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import PQIndex, adc_distance, decode_codes, faiss_pq_supported, pack_pq_codes, sdc_distance
+from robust_ranking.retrieval import PQIndex, adc_distance, decode_codes, faiss_pq_supported, pack_pq_codes, sdc_distance
 
 
 def random_pq(m: int, k: int, d: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

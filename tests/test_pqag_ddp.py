@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import eval as eval_script
+from robust_ranking.cli import eval as eval_script
 from run_helpers import report_numbers, train_in
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +45,9 @@ def tiny_dpqn_run(tmp_path_factory) -> dict[str, Path]:
         "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
         "--trainer.logger.init_args.name", "tiny_dpqn",
-        "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--model.init_args.backbone", "robust_ranking.lightning_modules.LeNet",
         "--model.init_args.backbone.init_args.embedding_dim", "16", "--model.init_args.num_bits", "16",
-        "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+        "--data", "robust_ranking.data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
         "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
         "--data.num_queries", "24", "--data.database", "test_rest",
     ])
@@ -81,4 +81,5 @@ def test_pqag_suite_ddp_world_size_2_equals_world_size_1(tiny_dpqn_run, tmp_path
     for r in reports[1]["results"]:  # not vacuous: all 15 queries attacked, some codes changed
         assert r["T"] == 15 and r["code_change"] > 0
         assert 0.0 <= r["mean"] <= 1.0 and 0.0 <= r["ap_adc"] <= 1.0
+    assert reports[1]["clean_query_database"]["queries"] == 24  # the clean section: every query, on rank 0
     assert report_numbers(reports[2]) == report_numbers(reports[1])

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import retrieval.index as index_module
-from retrieval.index import FaissFlatIndex, RetrievalIndex, TorchFlatIndex, faiss_gpu_available, stable_topk
+import robust_ranking.retrieval.index as index_module
+from robust_ranking.retrieval.index import FaissFlatIndex, RetrievalIndex, TorchFlatIndex, faiss_gpu_available, stable_topk
 
 
 def euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from retrieval import RetrievalMetrics as PackageRetrievalMetrics
-from retrieval.metrics import (
+from robust_ranking.retrieval import RetrievalMetrics as PackageRetrievalMetrics
+from robust_ranking.retrieval.metrics import (
     deduplicate_by_index,
     evaluate_retrieval,
     kmeans_nmi,
@@ -20,7 +20,7 @@ from retrieval.metrics import (
     rank_gallery,
     recall_at_k,
 )
-from retrieval.retrieval_metrics import RetrievalMetrics
+from robust_ranking.retrieval.retrieval_metrics import RetrievalMetrics
 
 
 def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -263,7 +263,8 @@ def test_kmeans_nmi_separated_clusters_and_determinism() -> None:
 
 # ----------------------------------------------------------------------- torchmetrics wrapper
 def test_retrieval_metrics_import_paths() -> None:
-    import retrieval.metrics
+    from robust_ranking import retrieval
+    import robust_ranking.retrieval.metrics  # noqa: F401
 
     assert RetrievalMetrics is PackageRetrievalMetrics
     # the functional module does not know the class (imports go one way: class -> functional)

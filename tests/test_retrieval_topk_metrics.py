@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval.topk_metrics import evaluate_query_database, map_at_topk, precision_recall_at_cutoffs
+from robust_ranking.retrieval.topk_metrics import evaluate_query_database, map_at_topk, precision_recall_at_cutoffs
 
 
 def reference_ap(dist_row, qlabel, dblabels, topk):

@@ -12,9 +12,9 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from evaluation.engine import RobustnessEvaluator
-from evaluation.suite import SuiteError
-from callbacks import RobustnessEvaluation
+from robust_ranking.evaluation.engine import RobustnessEvaluator
+from robust_ranking.evaluation.suite import SuiteError
+from robust_ranking.callbacks import RobustnessEvaluation
 
 SUITE = """
 name: callback-test
@@ -72,10 +72,12 @@ def test_trainer_test_logs_scalars_images_and_report(tiny_ranker, suite_file, tm
     images = events.Tags()["images"]
     assert any(tag.startswith("robust_images/CA+ eps=0.1 w=1") for tag in images)
     assert any(tag.startswith("robust_images/ES eps=0.1") for tag in images)
-    strip = [tag for tag in images if "retrieval strip QA+" in tag]
-    assert strip
+    strip = [tag for tag in images if tag.startswith("robust_strips/QA+ eps=0.1 m=1")]
+    assert strip and not [tag for tag in images if tag.startswith("robust_strips/CA")]  # CA perturbs candidates
     picture = events.Images(strip[0])[0]
-    assert picture.width > picture.height > 0  # 4 rows (2 queries x before / after) of 1 + 4 tiles
+    # 2 queries x (before / after / targets) = 6 rows of 1 + 4 tiles (28 + 4 frame + 2 padding pixels)
+    assert (picture.height, picture.width) == (6 * 34 + 2, 5 * 34 + 2)
+    assert "robust_strips/QA+ eps=0.1 m=1 legend/text_summary" in events.Tags()["tensors"]  # add_text
 
     data = json.loads((tmp_path / "reports" / "test.json").read_text())
     assert data["num_samples"] == 12 and len(data["results"]) == 4
@@ -122,3 +124,17 @@ def test_w_too_large_fails_in_setup_before_training(tiny_ranker, tmp_path):
     with pytest.raises(SuiteError, match="w=500 needs a gallery of more than 500 items, but the gallery has 100"):
         trainer.fit(tiny_ranker.model, datamodule=tiny_ranker.datamodule)
     assert trainer.global_step == 0
+
+
+def test_fast_dev_run_runs_every_configuration_on_a_few_samples(tiny_ranker, suite_file, tmp_path):
+    """A fast_dev_run exercises the loop (as Lightning's other shortcuts): every configuration runs,
+    on FAST_DEV_RUN_SAMPLES samples, without the sanity checks; the suite itself is unchanged."""
+    from robust_ranking.callbacks.robustness_evaluation import FAST_DEV_RUN_SAMPLES
+
+    callback = RobustnessEvaluation(suite=str(suite_file), progress=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, fast_dev_run=1), callbacks=[callback])
+    trainer.test(tiny_ranker.model, datamodule=tiny_ranker.datamodule, verbose=False)
+    results = callback.last_results
+    assert [r.label for r in results.results] == ["CA+ eps=0.1 w=1", "CA+ eps=0.1 w=2", "QA+ eps=0.1 m=1", "ES eps=0.1"]
+    assert results.num_samples == FAST_DEV_RUN_SAMPLES and all(r.count == FAST_DEV_RUN_SAMPLES for r in results.results)
+    assert not results.sanity and callback.suite.num_samples == 12

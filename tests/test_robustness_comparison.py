@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import robustness_comparison  # noqa: E402
+# The script, imported by file path (scripts/ is not a package and is not put on sys.path).
+_SPEC = importlib.util.spec_from_file_location(
+    "robustness_comparison", Path(__file__).resolve().parents[1] / "scripts" / "robustness_comparison.py")
+robustness_comparison = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(robustness_comparison)
 
 
 def _report(path: Path, rows: list[dict], indices: list[int]) -> Path:

@@ -11,12 +11,12 @@ import threading
 import pytest
 import torch
 
-from attacks import CandidateAttack, MaxShiftAttack
-from evaluation.registry import ATTACKS, AttackRegistry
-from evaluation.report import Report
-from evaluation.engine import Collectives, RobustnessEvaluator
-from evaluation.score import RobustnessScore
-from evaluation.suite import Suite, SuiteError
+from robust_ranking.attacks import CandidateAttack, MaxShiftAttack
+from robust_ranking.evaluation.registry import ATTACKS, AttackRegistry
+from robust_ranking.evaluation.report import Report
+from robust_ranking.evaluation.engine import Collectives, RobustnessEvaluator
+from robust_ranking.evaluation.score import RobustnessScore
+from robust_ranking.evaluation.suite import Suite, SuiteError
 
 
 def make_suite(attacks: list[dict], num_samples: int = 24, batch_size: int = 8, registry=ATTACKS,
@@ -279,7 +279,7 @@ class _QueryDatabaseProbe(MaxShiftAttack):
 
 
 def test_query_database_attacks_run_on_the_split_and_are_skipped_without_it(tiny_ranker):
-    from data import SyntheticDataModule
+    from robust_ranking.data import SyntheticDataModule
 
     registry = AttackRegistry(list(ATTACKS))
     registry.register("QD-probe", lambda eps, size, seed, **o: _QueryDatabaseProbe(eps, seed=seed, steps=2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -22,12 +23,12 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-import eval as eval_script
-import train
-from callbacks import WarmStart
-from data import CIFAR10DataModule, DataConfigError, SyntheticDataModule
-from evaluation.checkpoints import load_ranker as load_run_ranker
-from lightning_modules import LeNet, MetricRanker, UnsafeCheckpointError, load_checkpoint, load_ranker
+from robust_ranking.cli import eval as eval_script
+from robust_ranking.cli import train
+from robust_ranking.callbacks import WarmStart
+from robust_ranking.data import CIFAR10DataModule, DataConfigError, SyntheticDataModule
+from robust_ranking.evaluation.checkpoints import load_ranker as load_run_ranker
+from robust_ranking.lightning_modules import LeNet, MetricRanker, UnsafeCheckpointError, load_checkpoint, load_ranker
 from run_helpers import train_in
 from test_eval import TINY_CONFIG  # the tiny CLI-trained ranker of the eval tests
 
@@ -174,6 +175,28 @@ def test_a_genuine_checkpoint_loads_bit_identically(run):
             assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
 
 
+def _legacy(value):
+    """``value`` with the class paths written as releases before 0.2 wrote them (no package prefix)."""
+    if isinstance(value, str):
+        return value.removeprefix("robust_ranking.")
+    if isinstance(value, dict):
+        return {k: _legacy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_legacy(v) for v in value]
+    return value
+
+
+def test_a_checkpoint_of_a_release_before_the_package_still_loads(run, tmp_path):
+    checkpoint = _genuine(run)
+    checkpoint["hyper_parameters"] = _legacy(checkpoint["hyper_parameters"])
+    assert checkpoint["hyper_parameters"]["_class_path"] == "lightning_modules.MetricRanker"
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    model = load_ranker(str(tmp_path / "old.ckpt"))
+    assert type(model) is MetricRanker and type(model.backbone) is LeNet
+    for key, value in checkpoint["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 # ----------------------------------------------------------------------------- class-path allow-list
 @pytest.fixture
 def imports(monkeypatch) -> list[str]:
@@ -193,13 +216,13 @@ def imports(monkeypatch) -> list[str]:
 @pytest.mark.parametrize(
     "class_path, error, expected",
     [
-        ("this.Foo", UnsafeCheckpointError, "the model class 'this.Foo' is refused: not a lightning_modules.Ranker"),
-        ("os.system", UnsafeCheckpointError, "the model class 'os.system' is refused: not a lightning_modules.Ranker"),
+        ("this.Foo", UnsafeCheckpointError, "the model class 'this.Foo' is refused: not a robust_ranking.lightning_modules.Ranker"),
+        ("os.system", UnsafeCheckpointError, "the model class 'os.system' is refused: not a robust_ranking.lightning_modules.Ranker"),
         ("lightning_modules_evil.Foo", UnsafeCheckpointError, "is refused"),
-        ("lightning_modules.MetricRanker; import this", UnsafeCheckpointError, "not a dotted class name"),
+        ("robust_ranking.lightning_modules.MetricRanker; import this", UnsafeCheckpointError, "not a dotted class name"),
         ("lightning_modules", UnsafeCheckpointError, "not a dotted class name"),
-        ("lightning_modules.NotThere", ValueError, "lightning_modules has no NotThere"),
-        ("lightning_modules.LeNet", ValueError, "holds a lightning_modules.LeNet, not a lightning_modules.Ranker"),
+        ("robust_ranking.lightning_modules.NotThere", ValueError, "lightning_modules has no NotThere"),
+        ("robust_ranking.lightning_modules.LeNet", ValueError, "holds a robust_ranking.lightning_modules.LeNet, not a robust_ranking.lightning_modules.Ranker"),
     ],
 )
 def test_class_paths_are_checked_before_anything_is_imported(run, tmp_path, imports, capsys, class_path, error,
@@ -208,7 +231,7 @@ def test_class_paths_are_checked_before_anything_is_imported(run, tmp_path, impo
     with pytest.raises(error) as info:
         load_ranker(str(path))
     assert expected in str(info.value) and "\n" not in str(info.value)
-    assert "this" not in sys.modules and all(name.startswith("lightning_modules") for name in imports), imports
+    assert "this" not in sys.modules and all(name.startswith("robust_ranking.lightning_modules") for name in imports), imports
     assert capsys.readouterr().out == ""
 
 
@@ -305,37 +328,47 @@ def test_train_test_ckpt_path_loads_a_genuine_checkpoint_weights_only(run, monke
 
 # ----------------------------------------------------------------------------- (f) scripts and bench
 @pytest.fixture
-def scripts_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
+def load_program(monkeypatch):
+    """``load_program("scripts/pq_common.py")``: a script or benchmark imported by file path (no ``sys.path``
+    edit), registered under its name so that the programs importing it as a sibling find it."""
+
+    def load(relative: str):
+        path = REPO / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, path.stem, module)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
-def test_pq_scripts_refuse_a_payload(payloads, scripts_on_path):
-    import pq_ag_table
-    import pq_common
+def test_pq_scripts_refuse_a_payload(payloads, load_program):
+    pq_common = load_program("scripts/pq_common.py")
+    pq_ag_gradients = load_program("bench/pq_ag_gradients.py")
 
     for name in ("bare", "hidden"):
         with pytest.raises(SystemExit, match=f"^error: {payloads[name]} is refused"):
             pq_common.load_ranker(payloads[name])
-    with pytest.raises(SystemExit, match=f"^error: adversarial cache {payloads['bare']} is refused"):
-        pq_ag_table.load_cache(payloads["bare"])
+        with pytest.raises(SystemExit, match=f"^error: {payloads[name]} is refused"):
+            pq_ag_gradients.load_pq_run(payloads[name])
 
 
-def test_sdha_scripts_and_bench_refuse_a_payload(payloads, tmp_path, scripts_on_path):
-    import sdha_common
-    import sdha_cost
+def test_sdha_scripts_and_bench_refuse_a_payload(payloads, tmp_path, load_program):
+    sdha_common = load_program("scripts/sdha_common.py")
+    sdha_cost = load_program("bench/sdha_cost.py")
 
     folder = tmp_path / "dch_run" / "checkpoints"
     folder.mkdir(parents=True)
     (folder.parent / "config.yaml").write_text("""
 model:
-  class_path: lightning_modules.DCHRanker
+  class_path: robust_ranking.lightning_modules.DCHRanker
   init_args:
-    backbone: {class_path: lightning_modules.C2F1, init_args: {embedding_dim: 16}}
-    loss: {class_path: lightning_modules.DCHLoss}
+    backbone: {class_path: robust_ranking.lightning_modules.C2F1, init_args: {embedding_dim: 16}}
+    loss: {class_path: robust_ranking.lightning_modules.DCHLoss}
     hash_bits: 16
 data:
-  class_path: data.SyntheticDataModule
+  class_path: robust_ranking.data.SyntheticDataModule
   init_args: {test_per_class: 4}
 """)
     path = folder / "bare.ckpt"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from attacks import (
+from robust_ranking.attacks import (
     AttackTrace,
     CandidateAttack,
     DHTAAttack,
@@ -19,12 +19,12 @@ from attacks import (
     QueryAttack,
     SDHAAttack,
 )
-from attacks.hashing.hashing_attack import HashingContext, logit_scale_factor, scaled_tanh_scales
-from attacks.hashing.surrogate_hamming import ap_weights, surrogate_hamming, weighted_surrogate_sum
-from data import SyntheticDataModule
-from lightning_modules import DCHLoss, DCHRanker, LeNet
-from retrieval import hamming_distance, sign_codes
-from retrieval.topk_metrics import map_at_topk
+from robust_ranking.attacks.hashing.hashing_attack import HashingContext, logit_scale_factor, scaled_tanh_scales
+from robust_ranking.attacks.hashing.surrogate_hamming import ap_weights, surrogate_hamming, weighted_surrogate_sum
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import DCHLoss, DCHRanker, LeNet
+from robust_ranking.retrieval import hamming_distance, sign_codes
+from robust_ranking.retrieval.topk_metrics import map_at_topk
 from run_helpers import fit_with_adam
 
 FAST = {"eps": 0.3, "steps": 40, "check_every": 5}  # tiny 28x28 synthetic model: a large box, few steps

@@ -51,9 +51,9 @@ def tiny_dch_run(tmp_path_factory) -> dict[str, Path]:
         "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
         "--trainer.logger.init_args.name", "tiny_dch",
-        "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--model.init_args.backbone", "robust_ranking.lightning_modules.LeNet",
         "--model.init_args.backbone.init_args.embedding_dim", "32",
-        "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+        "--data", "robust_ranking.data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
         "--data.test_per_class", "16", "--data.eval_batch_size", "64", "--data.protocol", "query_database",
         "--data.num_queries", "24", "--data.database", "test_rest",
     ])
@@ -92,6 +92,7 @@ def test_sdha_suite_ddp_world_size_2_equals_world_size_1(tiny_dch_run, tmp_path)
             assert r["mean"] < r["clean"], name
         else:
             assert r["mean"] > r["clean"], name
+    assert reports[1]["clean_query_database"]["queries"] == 24  # the clean section: every query, on rank 0
     assert report_numbers(reports[2]) == report_numbers(reports[1])
 
 
@@ -101,15 +102,15 @@ def test_the_clean_map_is_one_number_in_ranking_universal_and_transfer_reports(t
     report family: for a DCH model the clean mAP of X is the same number in all three. The model is
     trained for one step only, so that retrieval is imperfect and ranking by the relaxed codes
     (embed) would give another number."""
-    import eval as eval_script
-    from evaluation.checkpoints import load_ranker
+    from robust_ranking.cli import eval as eval_script
+    from robust_ranking.evaluation.checkpoints import load_ranker
 
     train_in(tmp_path, [
         "fit", "--config", str(REPO / "configs/fashion_mnist_dch_16.yaml"), "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.name", "dch", "--model.init_args.backbone", "lightning_modules.LeNet",
-        "--model.init_args.backbone.init_args.embedding_dim", "32", "--data", "data.SyntheticDataModule",
+        "--trainer.logger.init_args.name", "dch", "--model.init_args.backbone", "robust_ranking.lightning_modules.LeNet",
+        "--model.init_args.backbone.init_args.embedding_dim", "32", "--data", "robust_ranking.data.SyntheticDataModule",
         "--data.batch_size", "16", "--data.samples_per_class", "4", "--data.test_per_class", "16",
         "--data.eval_batch_size", "64", "--data.protocol", "query_database", "--data.num_queries", "24",
         "--data.database", "test_rest", "--data.noise_std", "2.0"])
@@ -128,11 +129,11 @@ def test_the_clean_map_is_one_number_in_ranking_universal_and_transfer_reports(t
     assert r.data["clean"]["recall@1"] == u["clean"]["recall@1"] == t_clean["recall@1"]
 
     # Not vacuous: ranked by the continuous embeddings, the same X gives another mAP.
-    from evaluation.data import gallery_tensors
-    from evaluation.engine import clean_metrics
+    from robust_ranking.evaluation.data import gallery_tensors
+    from robust_ranking.evaluation.engine import clean_metrics
 
     model = load_ranker(Path(ckpt), None, "test")
-    from data import SyntheticDataModule
+    from robust_ranking.data import SyntheticDataModule
 
     dm = SyntheticDataModule(batch_size=16, samples_per_class=4, test_per_class=16, eval_batch_size=64,
                              protocol="query_database", num_queries=24, database="test_rest", noise_std=2.0)
@@ -148,7 +149,7 @@ def test_the_clean_map_is_one_number_in_ranking_universal_and_transfer_reports(t
 def evaluate_relaxed(model, images, labels) -> float:
     """mAP of X ranked by the relaxed codes with the differentiable distance (the old universal /
     transfer clean metric)."""
-    from retrieval.metrics import evaluate_retrieval
+    from robust_ranking.retrieval.metrics import evaluate_retrieval
 
     emb = model.embed(images)
     return float(evaluate_retrieval(emb, labels, emb, labels, model.distance, exclude_self=True, recall_ks=(1,),

@@ -8,9 +8,9 @@ import threading
 import pytest
 import torch
 
-from evaluation import ATTACKS, Collectives, RobustnessEvaluator, Suite, SuiteError
-from data import SyntheticDataModule
-from lightning_modules import DCHLoss, DCHRanker, LeNet
+from robust_ranking.evaluation import ATTACKS, Collectives, RobustnessEvaluator, Suite, SuiteError
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import DCHLoss, DCHRanker, LeNet
 from run_helpers import fit_with_adam
 
 SUITE = {
@@ -55,7 +55,7 @@ def test_registered_names_and_suite_errors():
 
 
 def test_suite_tanh_scale_factor_multiplies_the_papers_schedule():
-    from attacks.hashing.hashing_attack import PAPER_TANH_SCALES
+    from robust_ranking.attacks.hashing.hashing_attack import PAPER_TANH_SCALES
 
     for name in ("SDHA", "HAG", "DHTA"):
         options = {"target_label": "random"} if name == "DHTA" else {}
@@ -64,9 +64,12 @@ def test_suite_tanh_scale_factor_multiplies_the_papers_schedule():
         assert ATTACKS.get(name).build(0.1, None, 0, **options).tanh_scales == PAPER_TANH_SCALES
     suite = {**SUITE, "attacks": [{"attack": "SDHA", "epsilons": [0.1], "tanh_scale_factor": 4.0}]}
     assert Suite.from_dict(suite).attacks[0].options["tanh_scale_factor"] == 4.0
-    for bad in (0, -1.0, "auto", True):
+    for bad in (0, -1.0, "fast", True):
         with pytest.raises(ValueError, match="tanh_scale_factor must be a number > 0"):
             ATTACKS.get("SDHA").build(0.1, None, 0, tanh_scale_factor=bad)
+    # 'auto' is the engine's (computed per model and workload, tests/test_sdha_scripts.py); refused outside it
+    with pytest.raises(ValueError, match="'auto' is computed by the evaluation engine"):
+        ATTACKS.get("SDHA").build(0.1, None, 0, tanh_scale_factor="auto")
 
 
 def test_suite_options_goal_ap_and_search_steps():

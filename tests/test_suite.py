@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.registry import ATTACKS, UNIVERSAL_ATTACKS, AttackRegistry
-from attacks.ranking.max_shift_attack import MaxShiftAttack
-from evaluation.suite import SUITE_KINDS, Suite, SuiteError
+from robust_ranking.evaluation.registry import ATTACKS, UNIVERSAL_ATTACKS, AttackRegistry
+from robust_ranking.attacks.ranking.max_shift_attack import MaxShiftAttack
+from robust_ranking.evaluation.suite import SUITE_KINDS, Suite, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO / "configs" / "suites").glob("*.yaml"))

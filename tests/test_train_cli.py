@@ -14,9 +14,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train
-from data.idx_format import write_idx_ubyte
-from lightning_modules import MetricRanker, load_ranker
+from robust_ranking.cli import train
+from robust_ranking.data.idx_format import write_idx_ubyte
+from robust_ranking.lightning_modules import MetricRanker, load_ranker
 
 REPO = Path(__file__).resolve().parents[1]
 # The 19 paper configs; through their includes they use every overlay under configs/ (tests/test_configs.py).
@@ -33,7 +33,7 @@ STACKS = {
 }
 # A tiny, fast variant of any model config: synthetic data, small embedding, no real dataset.
 TINY = [
-    "--data", "data.SyntheticDataModule",
+    "--data", "robust_ranking.data.SyntheticDataModule",
     "--data.batch_size", "16", "--data.samples_per_class", "4", "--data.eval_batch_size", "64",
     "--model.init_args.backbone.init_args.embedding_dim", "16",
 ]
@@ -60,7 +60,7 @@ def fake_mnist_root(root: Path, n_train: int = 300, n_test: int = 200) -> Path:
 
 def run_fast_dev_run(config_args: list[str], tmp: Path) -> None:
     args = ["fit", *config_args, "--trainer.fast_dev_run", "1", "--data.eval_batch_size", "250"]
-    if any(Path(a).name.startswith("mnist") for a in config_args):  # mnist_*.yaml, data/mnist.yaml
+    if any(Path(a).name.startswith("mnist") for a in config_args):  # mnist_*.yaml, configs/data/mnist.yaml
         args += ["--data.root", str(fake_mnist_root(tmp / "mnist"))]
     cli = train.main(args)
     metrics = cli.trainer.callback_metrics
@@ -83,7 +83,7 @@ def test_print_config_works(in_tmp, capsys):
         train.main(["fit", "--config", str(REPO / "configs/fashion_mnist_ct.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: lightning_modules.MetricRanker" in out
+    assert "class_path: robust_ranking.lightning_modules.MetricRanker" in out
     assert "use_distributed_sampler: false" in out
 
 
@@ -130,7 +130,7 @@ def test_load_ranker_refuses_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="no model class_path"):
         load_ranker(str(tmp_path / "bare.ckpt"))
     torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "torch.nn.Linear"}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="not a lightning_modules.Ranker"):
+    with pytest.raises(ValueError, match="not a robust_ranking.lightning_modules.Ranker"):
         load_ranker(str(tmp_path / "other.ckpt"))
 
 
@@ -158,13 +158,15 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--data", "data.NoSuchDataModule"], "unknown data class 'data.NoSuchDataModule'"),
-        (["--model", "lightning_modules.NoSuchRanker"], "unknown model class 'lightning_modules.NoSuchRanker'"),
+        (["--data", "robust_ranking.data.NoSuchDataModule"], "unknown data class 'robust_ranking.data.NoSuchDataModule'"),
+        (["--model", "robust_ranking.lightning_modules.NoSuchRanker"], "unknown model class 'robust_ranking.lightning_modules.NoSuchRanker'"),
+        (["--model", "lightning_modules.MetricRanker"],
+         "the classes moved into the robust_ranking package, write 'robust_ranking.lightning_modules.MetricRanker'"),
         (["--trainer.max_epocs", "3"], "unrecognized arguments: --trainer.max_epocs"),
         (["--model.init_args.backbon", "x"], "backbon"),
         (["--data.root", "/no/such/dir", "--data.download", "false"], "/no/such/dir does not exist"),
     ],
-    ids=["unknown-data", "unknown-model", "unknown-key", "unknown-model-key", "missing-root"],
+    ids=["unknown-data", "unknown-model", "model-before-0.2", "unknown-key", "unknown-model-key", "missing-root"],
 )
 def test_bad_input_gives_one_clear_line(args, expected, tmp_path):
     proc = run_train("fit", "--config", str(REPO / "configs/fashion_mnist_ct.yaml"), *args,
@@ -213,3 +215,20 @@ def test_two_process_ddp_fit_and_validation_equals_single_process(tmp_path):
         results[devices] = dict(METRIC_LINE.findall(proc.stdout))
     assert {"val/recall@1", "val/map", "val/map@r", "val/nmi"} <= set(results["1"])
     assert results["1"] == results["2"]
+
+
+def test_shipped_configs_are_found_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    """From a folder without ``configs/`` (an installed package), ``--config`` with a shipped config path reads the
+    shipped file; a file that exists where the program runs always wins."""
+    monkeypatch.chdir(tmp_path)
+    assert train.shipped_config_args(["fit", "--config", "configs/no-such-file.yml"]) == ["fit", "--config", "configs/no-such-file.yml"]
+    with pytest.raises(SystemExit) as info:
+        train.main(["fit", "--config", "configs/fashion_mnist_ct.yaml", "--config=budgets/quickstart.yaml",
+                    "--print_config"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "robust_ranking.lightning_modules.MetricRanker" in printed and "max_epochs: 2" in printed
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "fashion_mnist_ct.yaml").write_text("trainer: {max_epochs: 1}\n")
+    assert train.shipped_config_args(["--config", "configs/fashion_mnist_ct.yaml"]) == [
+        "--config", "configs/fashion_mnist_ct.yaml"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks import CandidateAttack, Gallery, MaxShiftAttack, QueryAttack
-from attacks.transfer import measure_on, transfer_attack, transfer_markdown, transfer_matrix
+from robust_ranking.attacks import CandidateAttack, Gallery, MaxShiftAttack, QueryAttack
+from robust_ranking.attacks.transfer import measure_on, transfer_attack, transfer_markdown, transfer_matrix
 from tests.conftest import train_tiny_ranker
 
 EPS = 0.1

@@ -10,12 +10,12 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 from torch import nn
 
-from attacks import CandidateAttack, Gallery, QueryAttack
-from attacks.gallery import QuerySet
-from attacks.universal.uap_retrieval import UAPRetrieval, resize_perturbation, retrieval_metrics
-from attacks.universal.universal_ranking_attack import UniversalRankingAttack, fit_unseen_split
-from lightning_modules import MetricRanker
-from retrieval.topk_metrics import map_at_topk
+from robust_ranking.attacks import CandidateAttack, Gallery, QueryAttack
+from robust_ranking.attacks.gallery import QuerySet
+from robust_ranking.attacks.universal.uap_retrieval import UAPRetrieval, resize_perturbation, retrieval_metrics
+from robust_ranking.attacks.universal.universal_ranking_attack import UniversalRankingAttack, fit_unseen_split
+from robust_ranking.lightning_modules import MetricRanker
+from robust_ranking.retrieval.topk_metrics import map_at_topk
 
 EPS = 0.1
 
@@ -219,7 +219,7 @@ def test_fixed_input_model_with_random_resizing_through_input_size(setup):
 
 
 def test_one_schedule_validation_for_every_universal_attack():
-    from attacks.universal.universal_ranking_attack import check_schedule
+    from robust_ranking.attacks.universal.universal_ranking_attack import check_schedule
 
     assert check_schedule(0.3, 10, 64, None, 0.9) == (10, 64, 0.01, 0.9)  # ECCV alpha rule for eps 0.3
     for kwargs, match in [(dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(step=0.0), "step"),

@@ -10,10 +10,10 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-import train
-from callbacks import WarmStart
-from data import SyntheticDataModule
-from lightning_modules import LeNet, MetricRanker
+from robust_ranking.cli import train
+from robust_ranking.callbacks import WarmStart
+from robust_ranking.data import SyntheticDataModule
+from robust_ranking.lightning_modules import LeNet, MetricRanker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,8 +108,8 @@ def test_the_documented_cli_form_appends_a_warm_start(tmp_path, source_ckpt, mon
     monkeypatch.chdir(tmp_path)
     cli = train.main([
         "fit", "--config", str(REPO / "configs/fashion_mnist_ctd.yaml"),
-        "--data", "data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
-        "--data.eval_batch_size", "64", "--model.init_args.backbone", "lightning_modules.LeNet",
+        "--data", "robust_ranking.data.SyntheticDataModule", "--data.batch_size", "16", "--data.samples_per_class", "4",
+        "--data.eval_batch_size", "64", "--model.init_args.backbone", "robust_ranking.lightning_modules.LeNet",
         "--model.init_args.backbone.init_args.embedding_dim", "16",
         "--trainer.callbacks.init_args.steps", "1",  # the defense (last callback) before the append
         "--trainer.callbacks+=WarmStart", "--trainer.callbacks.init_args.ckpt_path", str(path),

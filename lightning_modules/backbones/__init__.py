@@ -1,7 +1,0 @@
-"""Backbone networks: images in, feature vectors out."""
-
-from lightning_modules.backbones.c2f1 import C2F1
-from lightning_modules.backbones.lenet import LeNet
-from lightning_modules.backbones.resnet18 import ResNet18
-
-__all__ = ["C2F1", "LeNet", "ResNet18"]
