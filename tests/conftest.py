@@ -1,17 +1,20 @@
-"""Shared fixtures: a tiny ranker trained for a moment on synthetic data."""
+"""Shared fixtures: a tiny ranker trained for a moment on synthetic data (``tiny_ranker``) and a tiny
+``train.py`` run (``tiny_run``); the helpers behind them are in ``run_helpers``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import TripletMarginLoss
 
-from robust_ranking.data import SyntheticDataModule
-from robust_ranking.lightning_modules import LeNet, MetricRanker
-from run_helpers import fit_with_adam
+from run_helpers import TinyRanker, train_tiny_ranker, train_tiny_run
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regenerate-golden", default=None, metavar="NAMES",
+                     help="rewrite tests/golden/<name>.json for these comma-separated families ('all': every one) "
+                          "in tests/evaluation/test_golden_numbers.py; only when a change is meant to alter numbers")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,27 +30,12 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-@dataclass
-class TinyRanker:
-    """A LeNet(16-d) cosine-triplet ranker and its synthetic data (|X| = 100, 4 classes)."""
-
-    model: MetricRanker
-    datamodule: SyntheticDataModule
-
-
-def train_tiny_ranker(epochs: int = 2, seed: int = 0) -> TinyRanker:
-    """Train ``LeNet(embedding_dim=16)`` for a few steps (well under a second, one thread)."""
-    datamodule = SyntheticDataModule(test_per_class=25, eval_batch_size=64, seed=seed)
-    datamodule.setup()
-    torch.manual_seed(seed)
-    model = MetricRanker(LeNet(embedding_dim=16), TripletMarginLoss(margin=0.2, distance=CosineSimilarity()))
-    fit_with_adam(model, datamodule, epochs)
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    return TinyRanker(model, datamodule)
-
-
 @pytest.fixture(scope="session")
 def tiny_ranker() -> TinyRanker:
     return train_tiny_ranker()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """A tiny ranker trained by ``train.py`` (:func:`run_helpers.train_tiny_run`), once per module."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny_run"))

@@ -1,7 +1,7 @@
 """Retrieval evaluation: ranking/clustering metrics and exact search indexes.
 
 Flat re-exports of the package's public names. The modules import in one direction only (no
-cycles, so the order below is free; checked by ``tests/test_retrieval_imports.py``):
+cycles, so the order below is free; checked by ``tests/retrieval/test_retrieval_imports.py``):
 
 - ``average_precision``: functional AP (full ranking, AP@k, AP@R) and stable ranking; imports
   nothing from the package. Every metric and attack that needs AP calls it.

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from robust_ranking.cli import eval as eval_script
-from run_helpers import train_in
+from run_helpers import REPO, train_in
 
-REPO = Path(__file__).resolve().parents[1]
 
 # configs/suites/pqag_table.yaml / pqag_transfer.yaml, shrunk: 8 of the 24 queries in batches of 4,
 # eps 0.1 (the synthetic classes are far apart: the attacks must change codes).

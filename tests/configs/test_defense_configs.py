@@ -16,8 +16,8 @@ import yaml
 from robust_ranking.cli import train
 from robust_ranking.callbacks import MaxShiftAdversarialTraining
 from robust_ranking.data import write_idx_ubyte
+from run_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEFENDED_CONFIGS = ["fashion_mnist_ctd.yaml", "mnist_ctd.yaml", "fashion_mnist_etd.yaml"]
 
 

@@ -67,7 +67,7 @@ def test_suite_tanh_scale_factor_multiplies_the_papers_schedule():
     for bad in (0, -1.0, "fast", True):
         with pytest.raises(ValueError, match="tanh_scale_factor must be a number > 0"):
             ATTACKS.get("SDHA").build(0.1, None, 0, tanh_scale_factor=bad)
-    # 'auto' is the engine's (computed per model and workload, tests/test_sdha_scripts.py); refused outside it
+    # 'auto' is the engine's (computed per model and workload, tests/scripts/test_sdha_scripts.py); refused outside it
     with pytest.raises(ValueError, match="'auto' is computed by the evaluation engine"):
         ATTACKS.get("SDHA").build(0.1, None, 0, tanh_scale_factor="auto")
 

@@ -24,9 +24,8 @@ import pytest
 
 from robust_ranking.cli import train
 from robust_ranking.data import DataConfigError, SyntheticDataModule, write_idx_ubyte
-from test_configs import resolved_config
+from run_helpers import REPO, resolved_config
 
-REPO = Path(__file__).resolve().parents[1]
 CT = "configs/fashion_mnist_ct.yaml"
 
 

@@ -17,9 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from robust_ranking.cli import train
 from robust_ranking.data.idx_format import write_idx_ubyte
 from robust_ranking.lightning_modules import MetricRanker, load_ranker
+from run_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-# The 19 paper configs; through their includes they use every overlay under configs/ (tests/test_configs.py).
+# The 19 paper configs; through their includes they use every overlay under configs/ (tests/configs/test_configs.py).
 MODEL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Overlay stacks as the README writes them (model + data [+ defense] [+ budget]), including combinations
 # no paper config names.

@@ -15,8 +15,6 @@ change of a config value does. To change a config on purpose, change its frozen 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import shlex
 from functools import lru_cache
@@ -25,9 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from robust_ranking.cli import train
+from run_helpers import REPO, resolved_config
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 GOLDEN = REPO / "tests" / "golden" / "configs"
 PAPER_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
@@ -36,16 +33,6 @@ OVERLAYS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS and 
 FILE_KEYS = ("config", "data", "model", "trainer.callbacks")
 #: where commands are documented
 DOCUMENTS = [REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md"))]
-
-
-def resolved_config(*args: str, subcommand: str = "fit") -> dict:
-    """What ``train.py <subcommand> <args> --print_config`` prints, as a dict (parsing only: no data,
-    no model is built)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        train.main([subcommand, *args, "--print_config"])
-    assert exit_info.value.code in (0, None), f"train.py {subcommand} {' '.join(args)} failed"
-    return yaml.safe_load(out.getvalue())
 
 
 @lru_cache(maxsize=None)
@@ -174,7 +161,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 
 def test_documented_config_paths_exist():
     paths = set()
-    for doc in [*DOCUMENTS, *sorted((REPO / "tests").glob("*.py"))]:
+    for doc in [*DOCUMENTS, *sorted((REPO / "tests").rglob("*.py"))]:
         paths |= set(re.findall(r"configs/[\w/.-]+?\.yaml", doc.read_text()))
     missing = sorted(p for p in paths if not (REPO / p).is_file())
     assert not missing, missing

@@ -7,6 +7,7 @@ import torch
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
+from robust_ranking import CONFIGS
 from robust_ranking.attacks import CandidateAttack, Gallery, NotApplicableError, PQAGAttack, QueryAttack, query_average_precision
 from robust_ranking.data import SyntheticDataModule
 from robust_ranking.lightning_modules import DPQNRanker, KMeansPQRanker, LeNet
@@ -151,11 +152,10 @@ def test_ranking_attacks_run_on_dpqn_through_embed(dpqn):
 
 
 def test_registered_in_the_engine_with_the_paper_suite():
-    from pathlib import Path
 
     from robust_ranking.evaluation import ATTACKS, Suite
 
-    suite = Suite.from_yaml(Path(__file__).resolve().parents[1] / "configs/suites/pqag_table.yaml")
+    suite = Suite.from_yaml(CONFIGS / "suites/pqag_table.yaml")
     assert [spec.attack for spec in suite.attacks] == ["PQ-AG:Basic", "PQ-AG:APD", "PQ-AG:AOD"]
     for spec in suite.attacks:
         entry = ATTACKS.get(spec.attack)

@@ -14,8 +14,8 @@ from robust_ranking.cli import train
 from robust_ranking.callbacks import WarmStart
 from robust_ranking.data import SyntheticDataModule
 from robust_ranking.lightning_modules import LeNet, MetricRanker
+from run_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_ranker(seed: int, embedding_dim: int = 16) -> MetricRanker:

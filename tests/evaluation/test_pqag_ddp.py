@@ -13,14 +13,13 @@ import pytest
 import yaml
 
 from robust_ranking.cli import eval as eval_script
-from run_helpers import report_numbers, train_in
+from run_helpers import REPO, report_numbers, train_in
 
-REPO = Path(__file__).resolve().parents[1]
 
 # The paper's suite (configs/suites/pqag_table.yaml) with T = 15 queries: odd, so under 2
 # processes one rank attacks 8 queries and the other 7, and batches of 4 leave a ragged last
 # batch (7 = 4 + 3 on one rank, 15 = 3 x 4 + 3 in one process) that the engine pads. eps is larger than 8/255 because the synthetic classes are far
-# apart (see tests/test_pq_ag_attack.py): the attacks must actually change codes for the
+# apart (see tests/attacks/test_pq_ag_attack.py): the attacks must actually change codes for the
 # comparison to mean something.
 SUITE = """
 name: pqag-ddp-test
@@ -63,7 +62,7 @@ def tiny_dpqn_run(tmp_path_factory) -> dict[str, Path]:
 def test_pqag_suite_ddp_world_size_2_equals_world_size_1(tiny_dpqn_run, tmp_path):
     """Same query shards reduced in query-index order, per-query random starts, fixed batch
     shapes (the engine pads the last batch): the gloo run must match bit for bit, no tolerance.
-    World size 1 runs in this process (eval.main, as tests/test_eval.py does) to save an
+    World size 1 runs in this process (eval.main, as tests/cli/test_eval.py does) to save an
     interpreter start; world size 2 needs its own launcher process."""
     common = ["--ckpt", str(tiny_dpqn_run["ckpt"]), "--suite", str(tiny_dpqn_run["suite"]), "--accelerator", "cpu",
               "--no-progress"]

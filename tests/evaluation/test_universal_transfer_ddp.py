@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import train_tiny_ranker
+from run_helpers import REPO, train_tiny_ranker
 
-REPO = Path(__file__).resolve().parents[1]
 
 RUN_CONFIG = """
 model:
@@ -102,7 +101,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def run_both(argv: list[str], tmp_path: Path) -> tuple[Path, Path]:
     """eval.py with ``argv`` at --devices 2 (its own launcher process; Lightning starts rank 1) and
-    at --devices 1 (in this process, as tests/test_pqag_ddp.py does): the two output folders."""
+    at --devices 1 (in this process, as tests/evaluation/test_pqag_ddp.py does): the two output folders."""
     from robust_ranking.cli import eval as eval_script
 
     common = [*argv, "--accelerator", "cpu", "--progress", "false"]

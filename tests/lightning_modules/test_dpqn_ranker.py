@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -17,10 +16,9 @@ from robust_ranking.lightning_modules import DPQNRanker, KMeansPQRanker, LeNet, 
 from robust_ranking.lightning_modules.soft_product_quantizer import split_bits
 from robust_ranking.retrieval import PQIndex
 from robust_ranking.retrieval.topk_metrics import map_at_topk
-from test_configs import resolved_config
+from run_helpers import REPO, resolved_config
 from run_helpers import fit_with_adam
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_dpqn(num_bits: int = 16, num_codebooks: int = 4, dim: int = 16, alpha: float = 10.0) -> DPQNRanker:

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +20,8 @@ from pytorch_metric_learning.losses import TripletMarginLoss
 from robust_ranking.data import SyntheticDataModule
 from robust_ranking.evaluation import Collectives, Report, RobustnessEvaluator, Suite
 from robust_ranking.lightning_modules import DCHLoss, DCHRanker, DPQNRanker, LeNet
-from run_helpers import fit_with_adam
+from run_helpers import REPO, fit_with_adam
 
-REPO = Path(__file__).resolve().parents[1]
 
 # One cheap attack: the section does not depend on the suite (ES runs on every ranker family).
 SUITE = {"name": "clean-qd-test", "num_samples": 2, "seed": 0, "batch_size": 2,
@@ -188,7 +186,7 @@ def test_no_section_without_a_split_or_without_clean_metrics(dch):
 
 
 class _ThreadCollectives(Collectives):
-    """Two ranks in one process (threads), as tests/test_sdha_engine.py."""
+    """Two ranks in one process (threads), as tests/evaluation/test_sdha_engine.py."""
 
     def __init__(self, rank: int, slots: list, barrier: threading.Barrier) -> None:
         self.rank, self.world_size, self.slots, self.sync = rank, len(slots), slots, barrier

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import ast
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from robust_ranking.retrieval.average_precision import average_precision, average_precisions, ranked_relevance, stable_ranking
+from run_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- brute-force references

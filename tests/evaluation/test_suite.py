@@ -9,8 +9,8 @@ import pytest
 from robust_ranking.evaluation.registry import ATTACKS, UNIVERSAL_ATTACKS, AttackRegistry
 from robust_ranking.attacks.ranking.max_shift_attack import MaxShiftAttack
 from robust_ranking.evaluation.suite import SUITE_KINDS, Suite, SuiteError
+from run_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SUITES = sorted((REPO / "configs" / "suites").glob("*.yaml"))
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from robust_ranking.cli import eval as eval_script
-from run_helpers import train_in
+from run_helpers import REPO, train_in
 from robust_ranking.evaluation.registry import ATTACKS
 from robust_ranking.evaluation.suite import SUITE_KINDS, Suite
 from robust_ranking.attacks.transfer import embed_all, transfer_attack
@@ -22,7 +22,6 @@ from robust_ranking.data import RetrievalDataModule
 from robust_ranking.evaluation.checkpoints import instantiate, load_ranker, run_config
 from robust_ranking.evaluation.data import gallery_tensors
 
-REPO = Path(__file__).resolve().parents[1]
 TRANSFER_SUITES = sorted((REPO / "configs" / "suites").glob("transfer*.yaml"))
 UNIVERSAL_SUITES = sorted([*(REPO / "configs" / "suites").glob("universal*.yaml"),
                            *(REPO / "configs" / "suites").glob("uap*.yaml")])
@@ -213,7 +212,7 @@ def test_universal_cli_moves_ranks_in_direction(runs, tmp_path):
         ("missing_source", "checkpoint {tmp}/missing.ckpt does not exist"),
         ("universal_source", "is a universal suite; transfer takes per-sample CA / QA attacks"),
         ("es_transfer", "ES cannot be transferred"),
-        # --devices N works in both modes (tests/test_universal_transfer_ddp.py); a half precision does not.
+        # --devices N works in both modes (tests/evaluation/test_universal_transfer_ddp.py); a half precision does not.
         ("precision_transfer", "--precision bf16: transfer runs attack in 32-bit precision"),
         ("precision_universal", "--precision bf16: universal suites attack in 32-bit precision"),
         ("universal_typo", "unknown key 'epoch' (did you mean 'epochs'?)"),

@@ -17,7 +17,7 @@ import torch
 
 from robust_ranking.cli import eval as eval_script
 from robust_ranking.evaluation.engine import RobustnessEvaluator
-from test_eval import REPO, run_eval, strip_timing, tiny_run  # noqa: F401  (tiny_run is a fixture)
+from run_helpers import REPO, run_eval, strip_timing
 
 LONG_SUITE = """
 name: long

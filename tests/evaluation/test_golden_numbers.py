@@ -32,8 +32,9 @@ The numbers hold for one intra-op thread (``conftest.py`` sets it for every test
 set it too): with two threads both training and evaluation round differently in the last bits (and a
 transfer rank moves), so they are a property of this setting, not a tolerance to relax.
 
-If a change is *meant* to alter numbers, regenerate with ``python tests/test_golden_numbers.py``
-(all files; or name some: ``python tests/test_golden_numbers.py pqag transfer``) and say why in the
+If a change is *meant* to alter numbers, regenerate with
+``python -m pytest tests/evaluation/test_golden_numbers.py -k regenerate --regenerate-golden all``
+(or name some: ``--regenerate-golden pqag,transfer``) and say why in the
 commit. Regeneration computes every family twice, from fresh trainings, and refuses to write
 numbers that are not reproducible; the tests themselves only compare.
 """
@@ -49,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from run_helpers import REPO
 
-GOLDEN = Path(__file__).with_name("golden")
-REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden"
 
 # --------------------------------------------------------------------------- suites
 RANKING_SUITE = {
@@ -69,7 +70,7 @@ RANKING_SUITE = {
 # defaults (which would triple the cost); they do not change the suite's results.
 RANKING_EVAL_SUITE = {**RANKING_SUITE, "sanity": {"num_samples": 10, "steps": 50, "alpha": 0.02}}
 
-# configs/suites/pqag_table.yaml, shrunk (tests/test_pqag_ddp.py): T = 15 (a ragged last batch of 4),
+# configs/suites/pqag_table.yaml, shrunk (tests/evaluation/test_pqag_ddp.py): T = 15 (a ragged last batch of 4),
 # eps 0.1 so that the attacks change codes on the far-apart synthetic classes.
 PQAG_SUITE = """
 name: golden-pqag
@@ -82,7 +83,7 @@ attacks:
   - {attack: "PQ-AG:AOD", epsilons: [0.1], alpha: 0.01, steps: 5, random_start: true}
 """
 
-# configs/suites/sdha_quick.yaml, shrunk (tests/test_sdha_ddp.py): T = 13, a ragged last batch of 4.
+# configs/suites/sdha_quick.yaml, shrunk (tests/evaluation/test_sdha_ddp.py): T = 13, a ragged last batch of 4.
 HASHING_SUITE = """
 name: golden-hashing
 num_samples: 13
@@ -182,7 +183,7 @@ data:
   init_args: {test_per_class: 25, eval_batch_size: 64, seed: 0}
 """
 
-# tests/test_eval_transfer.py's metric rankers (LeNet seed 0, C2F1 seed 1), 1 epoch on synthetic data.
+# tests/cli/test_eval_transfer.py's metric rankers (LeNet seed 0, C2F1 seed 1), 1 epoch on synthetic data.
 METRIC_CONFIG = """
 seed_everything: {seed}
 trainer:
@@ -214,7 +215,7 @@ data:
 # The training configs of the hashing rankers as they were when the golden numbers were fixed
 # (configs/fashion_mnist_dch_16.yaml and configs/fashion_mnist_dpqn_24bit.yaml at commit bce2aeb), copied
 # here so that a reorganization of configs/ cannot move the numbers; the tiny settings are the
-# command-line overrides of train_dch / train_dpqn (as tests/test_sdha_ddp.py / test_pqag_ddp.py pass them).
+# command-line overrides of train_dch / train_dpqn (as tests/evaluation/test_sdha_ddp.py / test_pqag_ddp.py pass them).
 DCH_CONFIG = """
 seed_everything: 0
 trainer:
@@ -609,7 +610,7 @@ def _regenerate(names: list[str]) -> None:
     """Compute each family twice (fresh trainings in fresh folders); write it only if both agree."""
     import torch
 
-    from conftest import train_tiny_ranker
+    from run_helpers import train_tiny_ranker
 
     torch.set_num_threads(1)
     families = _families(train_tiny_ranker)
@@ -645,6 +646,10 @@ def _regenerate(names: list[str]) -> None:
         raise SystemExit(f"not written (not reproducible run to run): {', '.join(failed)}")
 
 
-if __name__ == "__main__":  # regenerate (only when a change is meant to alter the numbers)
-    # run as a file: tests/ (conftest, run_helpers) is on the path; the package is installed
-    _regenerate(sys.argv[1:])
+def test_regenerate_golden_files(request: pytest.FixtureRequest) -> None:
+    """``--regenerate-golden NAMES`` (comma-separated, or ``all``) rewrites those golden files; without
+    the option this does nothing (only when a change is meant to alter the numbers)."""
+    names = request.config.getoption("--regenerate-golden")
+    if names is None:
+        pytest.skip("pass --regenerate-golden <names|all> to rewrite tests/golden/*.json")
+    _regenerate([] if names == "all" else [n for n in names.split(",") if n])

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from run_helpers import REPO
+
 PKG = "robust_ranking.retrieval"
 PACKAGE = REPO / "robust_ranking" / "retrieval"
 MODULES = sorted(f"{PKG}.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__")

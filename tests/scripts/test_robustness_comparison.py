@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from run_helpers import REPO
+
 # The script, imported by file path (scripts/ is not a package and is not put on sys.path).
 _SPEC = importlib.util.spec_from_file_location(
-    "robustness_comparison", Path(__file__).resolve().parents[1] / "scripts" / "robustness_comparison.py")
+    "robustness_comparison", REPO / "scripts" / "robustness_comparison.py")
 robustness_comparison = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(robustness_comparison)
 

@@ -1,7 +1,7 @@
 """The deep-hashing suite through eval.py: world size 2 (gloo, 2 CPU processes) gives exactly the
 numbers of world size 1 (issue 6, done-when 2), on a tiny DCH trained by train.py on synthetic data.
 
-tests/test_sdha_engine.py checks the same property in one process with threads standing in for
+tests/evaluation/test_sdha_engine.py checks the same property in one process with threads standing in for
 ranks; this runs the real thing: eval.py's DDP launch, the query / database split rebuilt from the
 run's config on every rank, sharded queries and the gathered per-query results."""
 
@@ -17,9 +17,8 @@ import pytest
 import torch
 import yaml
 
-from run_helpers import report_numbers, train_in
+from run_helpers import REPO, report_numbers, train_in
 
-REPO = Path(__file__).resolve().parents[1]
 
 # All six hashing attacks of configs/suites/sdha_fashion_mnist.yaml, shrunk: T = 13 queries (odd, so
 # one rank attacks 7 and the other 6 + padding; batches of 4 leave a ragged last batch on both), few

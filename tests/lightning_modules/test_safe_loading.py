@@ -29,10 +29,8 @@ from robust_ranking.callbacks import WarmStart
 from robust_ranking.data import CIFAR10DataModule, DataConfigError, SyntheticDataModule
 from robust_ranking.evaluation.checkpoints import load_ranker as load_run_ranker
 from robust_ranking.lightning_modules import LeNet, MetricRanker, UnsafeCheckpointError, load_checkpoint, load_ranker
-from run_helpers import train_in
-from test_eval import TINY_CONFIG  # the tiny CLI-trained ranker of the eval tests
+from run_helpers import REPO, TINY_CONFIG, train_in
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # Transferable attacks only (an ES entry would be refused before any checkpoint is read).

@@ -18,37 +18,9 @@ import robust_ranking.evaluation as evaluation
 from robust_ranking.cli import eval as eval_script
 from robust_ranking.evaluation import BenchmarkOptions
 from robust_ranking.evaluation.benchmark import BenchmarkRun
-from run_helpers import train_in
+from run_helpers import REPO, tiny_config, train_in
 
-REPO = Path(__file__).resolve().parents[1]
 
-TINY_CONFIG = """
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  log_every_n_steps: 1
-  logger:
-    class_path: pytorch_lightning.loggers.TensorBoardLogger
-    init_args: {save_dir: runs, name: tiny}
-model:
-  class_path: robust_ranking.lightning_modules.MetricRanker
-  init_args:
-    backbone:
-      class_path: robust_ranking.lightning_modules.LeNet
-      init_args: {embedding_dim: 16}
-    loss:
-      class_path: pytorch_metric_learning.losses.TripletMarginLoss
-      init_args:
-        margin: 0.2
-        distance: {class_path: pytorch_metric_learning.distances.CosineSimilarity}
-data:
-  class_path: robust_ranking.data.SyntheticDataModule
-  init_args: {test_per_class: 10, eval_batch_size: 16}
-"""
 
 SUITE = """
 name: cli-test
@@ -157,7 +129,7 @@ def test_bad_trainer_options_are_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval_cli")
-    (root / "tiny.yaml").write_text(TINY_CONFIG)
+    (root / "tiny.yaml").write_text(tiny_config(test_per_class=10, eval_batch_size=16))
     (root / "suite.yaml").write_text(SUITE)
     train_in(root, ["fit", "--config", str(root / "tiny.yaml")])
     (ckpt,) = (root / "runs" / "tiny" / "version_0" / "checkpoints").glob("*.ckpt")

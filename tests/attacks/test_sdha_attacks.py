@@ -278,7 +278,7 @@ def test_binary_search_raises_alpha_for_queries_that_fail(tiny_dch):
 @pytest.mark.parametrize("targeted", [False, True])
 def test_results_do_not_depend_on_the_batch_composition(tiny_dch, targeted):
     """Queries stop at different times; masking (not shrinking) the batch keeps results per query,
-    bit for bit (what makes DDP shards reproduce the single-process numbers; tests/test_sdha_ddp.py):
+    bit for bit (what makes DDP shards reproduce the single-process numbers; tests/evaluation/test_sdha_ddp.py):
     the targeted AP weights (exponent -0.3) once differed in the last bit with a query's row."""
     kwargs = dict(eps=0.3, steps=30, check_every=5, lagrange=100.0, topk=16)
     if targeted:

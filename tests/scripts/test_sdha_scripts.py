@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from robust_ranking.cli import train
+from run_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from robust_ranking.evaluation.suite import Suite, SuiteError
 
 def make_suite(attacks: list[dict], num_samples: int = 24, batch_size: int = 8, registry=ATTACKS,
                sanity: bool = False) -> Suite:
-    """A test suite; the large-budget sanity checks (tests/test_engine_trust.py) are off unless asked for."""
+    """A test suite; the large-budget sanity checks (tests/evaluation/test_engine_trust.py) are off unless asked for."""
     return Suite.from_dict({"name": "test", "num_samples": num_samples, "seed": 0, "batch_size": batch_size,
                             "sanity": sanity, "attacks": attacks}, registry=registry)
 

@@ -13,76 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_ranking.cli import eval as eval_script
-from run_helpers import train_in
+from run_helpers import REPO, run_eval, strip_timing
 from robust_ranking.evaluation.engine import RobustnessEvaluator
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY_CONFIG = """
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  log_every_n_steps: 1
-  logger:
-    class_path: pytorch_lightning.loggers.TensorBoardLogger
-    init_args: {save_dir: runs, name: tiny}
-model:
-  class_path: robust_ranking.lightning_modules.MetricRanker
-  init_args:
-    backbone:
-      class_path: robust_ranking.lightning_modules.LeNet
-      init_args: {embedding_dim: 16}
-    loss:
-      class_path: pytorch_metric_learning.losses.TripletMarginLoss
-      init_args:
-        margin: 0.2
-        distance: {class_path: pytorch_metric_learning.distances.CosineSimilarity}
-data:
-  class_path: robust_ranking.data.SyntheticDataModule
-  init_args: {test_per_class: 25, eval_batch_size: 64}
-"""
-
-# T = 21 is odd: under 2 processes one rank attacks 11 samples, the other 10 (+ padding).
-SUITE = """
-name: eval-test
-num_samples: 21
-seed: 0
-batch_size: 8
-attacks:
-  - {attack: CA+, epsilons: [0.1], w: [1, 2], steps: 3}
-  - {attack: CA-, epsilons: [0.1], w: [1], steps: 2}
-  - {attack: QA-, epsilons: [0.1], m: [1], steps: 3}
-  - {attack: ES, epsilons: [0.1], steps: 3}
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
-    """``train.py fit`` of a tiny ranker: ``<run>/checkpoints/*.ckpt`` and ``<run>/config.yaml``."""
-    root = tmp_path_factory.mktemp("eval")
-    (root / "tiny.yaml").write_text(TINY_CONFIG)
-    (root / "suite.yaml").write_text(SUITE)
-    train_in(root, ["fit", "--config", str(root / "tiny.yaml")])
-    run = root / "runs" / "tiny" / "version_0"
-    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
-    assert (run / "config.yaml").is_file()
-    return {"root": root, "run": run, "ckpt": ckpt, "suite": root / "suite.yaml"}
-
-
-def run_eval(args: list[str]) -> list:
-    return eval_script.main([*args, "--accelerator", "cpu", "--no-progress"])
-
-
-def strip_timing(report: dict) -> dict:
-    """The numbers of a report, without wall times (which differ from run to run)."""
-    results = [{k: v for k, v in r.items() if k != "wall_s"} for r in report["results"]]
-    return {"results": results, "clean": report["clean"], "score": report["robustness_score"],
-            "T": report["num_samples"], "indices": report["attacked_indices"]}
 
 
 def test_eval_writes_json_and_markdown(tiny_run, capsys):
