@@ -6,7 +6,7 @@ in bench/ beside the cost studies (docs/results/pq_ag.md, "Does the paper's orde
     python bench/pq_ag_gradients.py 24bit=runs/fashion_mnist_dpqn_24bit/version_0/checkpoints/last.ckpt
 
 Each model is a PQ ranker checkpoint with its run's ``config.yaml`` (a DPQN of ``train.py``, or a k-means
-PQ checkpoint of ``scripts/pq_kmeans_checkpoint.py``); its data config gives the query / database split
+PQ checkpoint of ``python -m robust_ranking.cli.kmeans_pq``); its data config gives the query / database split
 (docs/dpqn.md: 1000 Fashion-MNIST test queries, seed 0). For each model and variant, over the first
 ``--num-queries`` queries: the mean L1 norm of ``d loss / d y`` at the clean query ``y`` and at the random
 start ``y + delta0`` (AOD's start in :class:`attacks.PQAGAttack`, shared by all three), and the mean

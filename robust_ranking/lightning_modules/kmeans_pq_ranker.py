@@ -37,7 +37,7 @@ class KMeansPQRanker(Ranker):
 
     Build a fitted model with :meth:`fit`. The constructor builds an unfitted one, which is how a
     saved k-means PQ checkpoint is rebuilt from its config before its state dict (the centroids
-    and the ``fitted`` flag) is loaded (``scripts/pq_kmeans_checkpoint.py``).
+    and the ``fitted`` flag) is loaded (``python -m robust_ranking.cli.kmeans_pq``).
 
     Args:
         ranker: the trained ranker whose ``embed`` is quantized.

@@ -190,7 +190,7 @@ def test_train_py_fits_dpqn_and_logs_sdc_and_adc_metrics(tmp_path, monkeypatch):
 
 
 def test_kmeans_pq_checkpoint_is_rebuilt_from_a_config_section(tiny_ranker):
-    """What eval.py does with scripts/pq_kmeans_checkpoint.py output: config -> model -> state dict."""
+    """What eval.py does with robust_ranking.cli.kmeans_pq output: config -> model -> state dict."""
     from jsonargparse import ArgumentParser
 
     from robust_ranking.lightning_modules import Ranker

@@ -327,7 +327,7 @@ def test_train_test_ckpt_path_loads_a_genuine_checkpoint_weights_only(run, monke
 # ----------------------------------------------------------------------------- (f) scripts and bench
 @pytest.fixture
 def load_program(monkeypatch):
-    """``load_program("scripts/pq_common.py")``: a script or benchmark imported by file path (no ``sys.path``
+    """``load_program("bench/sdha_cost.py")``: a script or benchmark imported by file path (no ``sys.path``
     edit), registered under its name so that the programs importing it as a sibling find it."""
 
     def load(relative: str):
@@ -341,19 +341,21 @@ def load_program(monkeypatch):
     return load
 
 
-def test_pq_scripts_refuse_a_payload(payloads, load_program):
-    pq_common = load_program("scripts/pq_common.py")
-    pq_ag_gradients = load_program("bench/pq_ag_gradients.py")
+def test_pq_programs_refuse_a_payload(payloads, load_program, tmp_path, capsys):
+    from robust_ranking.cli import kmeans_pq
 
+    pq_ag_gradients = load_program("bench/pq_ag_gradients.py")
     for name in ("bare", "hidden"):
-        with pytest.raises(SystemExit, match=f"^error: {payloads[name]} is refused"):
-            pq_common.load_ranker(payloads[name])
+        with pytest.raises(SystemExit) as info:
+            kmeans_pq.main(["--ckpt", str(payloads[name]), "--out", str(tmp_path / "out"), "--bits", "8"])
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and line.startswith(f"kmeans_pq: error: {payloads[name]} is refused"), line
         with pytest.raises(SystemExit, match=f"^error: {payloads[name]} is refused"):
             pq_ag_gradients.load_pq_run(payloads[name])
+    assert not (tmp_path / "out").exists()
 
 
-def test_sdha_scripts_and_bench_refuse_a_payload(payloads, tmp_path, load_program):
-    sdha_common = load_program("scripts/sdha_common.py")
+def test_sdha_bench_refuses_a_payload(payloads, tmp_path, load_program):
     sdha_cost = load_program("bench/sdha_cost.py")
 
     folder = tmp_path / "dch_run" / "checkpoints"
@@ -371,8 +373,6 @@ data:
 """)
     path = folder / "bare.ckpt"
     path.write_bytes(payloads["bare"].read_bytes())
-    with pytest.raises(SystemExit, match=f"^error: {path} is refused"):
-        sdha_common.load_run(path)
     with pytest.raises(SystemExit, match=f"^error: {path} is refused"):
         sdha_cost.make_model(sdha_cost.parse_args(["--ckpt", str(path), "--device", "cpu"]))
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from robust_ranking.cli import train
+from robust_ranking.data import RetrievalDataModule
+from robust_ranking.evaluation import checkpoints
 from run_helpers import REPO
 
 
@@ -38,14 +40,21 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def load_script(name: str, monkeypatch) -> Any:
-    """``scripts/<name>.py`` imported by file path (no ``sys.path`` edit); ``sdha_common``, which the
-    SDHA scripts import as their sibling, is registered the same way first."""
-    for module in ("sdha_common", name):
-        spec = importlib.util.spec_from_file_location(module, REPO / "scripts" / f"{module}.py")
-        loaded = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, module, loaded)
-        spec.loader.exec_module(loaded)
-    return sys.modules[name]
+    """``scripts/<name>.py`` imported by file path (no ``sys.path`` edit)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, loaded)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def load_run(ckpt: Path) -> tuple[Any, Any]:
+    """``(model in eval mode, set-up data module)`` of a training run, through the engine's safe loader."""
+    model_section, data_section, where = checkpoints.run_config(ckpt, None)
+    model = checkpoints.load_ranker(ckpt, model_section, where).eval()
+    datamodule = checkpoints.instantiate(data_section, RetrievalDataModule, "data", where)
+    datamodule.setup()
+    return model, datamodule
 
 
 TRACES_SUITE = """
@@ -77,9 +86,8 @@ def test_tables_from_eval_py_reports_with_traces(tiny_run, monkeypatch, tmp_path
     assert sdha["iterations"] == [0, 5, 10] and len(sdha["ap"]) == 4 and len(sdha["l2"][0]) == 3
     assert sdha["hash_bits"] == 16 and sdha["indices"] == sorted(sdha["indices"])
     # tanh_scale_factor: auto is the logit scale of the whole workload, used by that attack only
-    sdha_common = load_script("sdha_common", monkeypatch)
-    model, datamodule = sdha_common.load_run(tiny_run)
-    images, _ = sdha_common.images_of(datamodule.query_set, torch.tensor(sdha["indices"]))
+    model, datamodule = load_run(tiny_run)
+    images = torch.stack([datamodule.query_set[i][0] for i in sdha["indices"]])
     assert sdha["tanh_scale_factor"] == logit_scale_factor(model, images)
     assert sdha["tanh_scale_factor"] != 1.0 and rows["HAG"]["trace"]["tanh_scale_factor"] == 1.0
     factor = sdha["tanh_scale_factor"]
