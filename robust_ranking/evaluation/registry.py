@@ -33,6 +33,11 @@ from robust_ranking.attacks.hashing.hashing_attack import scaled_tanh_scales
 from robust_ranking.attacks.ranking.max_shift_attack import MaxShiftAttack
 from robust_ranking.attacks.quantization.pq_ag_attack import PQAGAttack
 from robust_ranking.attacks.ranking.query_attack import QueryAttack
+from robust_ranking.attacks.ranking.es_recall_attack import EmbeddingShiftRecallAttack
+from robust_ranking.attacks.ranking.gtm_attack import GreedyTop1MisrankAttack
+from robust_ranking.attacks.ranking.gtt_attack import GreedyTop1TranslocationAttack
+from robust_ranking.attacks.ranking.ltm_attack import LearningToMisrankAttack
+from robust_ranking.attacks.ranking.tma_attack import TargetedMismatchAttack
 from robust_ranking.attacks.hashing.sdha_attack import SDHAAttack
 from robust_ranking.attacks.universal.uap_retrieval import UAPRetrieval
 from robust_ranking.attacks.universal.universal_ranking_attack import UniversalRankingAttack
@@ -225,6 +230,31 @@ ATTACKS.register("QA-", _query_attack("-"), size_key="m", options={"xi", "G", "p
                  description="query attack with SP term, lower m top-1% candidates (ECCV 2020 Eq. 9, 12)")
 ATTACKS.register("ES", _max_shift_attack, metric="shift", metrics=("shift",),
                  description="maximum embedding shift d(f(x~), f(x)) (ECCV 2020 Sec. 3.3)")
+
+
+# ----------------------------------------------------------------------- RobRank ERS (TPAMI, arXiv 2106.03614)
+# The other attacks of RobRank's empirical robustness score (evaluation.score.ERS): no direction, so
+# they stay out of the robustness score; ERS reads their metric (percent, cos for TMA) instead.
+def _plain(cls: type[Attack]) -> AttackFactory:
+    def factory(eps: float, size: int | None, seed: int, **options: object) -> Attack:
+        return cls(eps, seed=seed, **options)
+
+    return factory
+
+
+_R1 = {"metric": "recall@1", "clean_metric": "recall@1_clean"}
+ATTACKS.register("TMA", _plain(TargetedMismatchAttack), metric="cos", metrics=("cos", "cos_clean"),
+                 clean_metric="cos_clean",
+                 description="targeted mismatch: raise cos(f(q~), f(t)) to a random t (Tolias et al. ICCV 2019)")
+ATTACKS.register("ES:R", _plain(EmbeddingShiftRecallAttack), metrics=("recall@1", "recall@1_clean", "shift"), **_R1,
+                 description="R@1 (%) after the ES attack's perturbation (RobRank ERS term ES:R)")
+ATTACKS.register("LTM", _plain(LearningToMisrankAttack), metrics=("recall@1", "recall@1_clean"), **_R1,
+                 description="learning-to-mis-rank triplet on the query, R@1 (%) after (Wang et al. CVPR 2020)")
+ATTACKS.register("GTM", _plain(GreedyTop1MisrankAttack), metrics=("recall@1", "recall@1_clean"), **_R1,
+                 description="greedy top-1 misranking, R@1 (%) after (RobRank)")
+ATTACKS.register("GTT", _plain(GreedyTop1TranslocationAttack), metric="retain@4",
+                 metrics=("retain@4", "retain@4_clean", "retain@1", "retain@1_clean"), clean_metric="retain@4_clean",
+                 description="greedy top-1 translocation, clean top-1 still in the top 4 (%) after (RobRank)")
 
 
 # ----------------------------------------------------------------------- hashing (SDHA, ICMR 2021)

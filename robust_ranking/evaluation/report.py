@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from robust_ranking.evaluation.score import ERS, ERS_ONLY_ATTACKS, ERS_TERMS
+
 __all__ = ["Report", "config_result_from_row", "result_row", "run_metadata", "write_atomic", "write_outputs"]
 
 FORMAT = "robust-ranking/robustness-report/v1"
@@ -203,6 +205,7 @@ class Report:
             "robustness_score": results.score.value,
             "score_per_attack": results.score.per_attack,
             "score_invalid": results.score.invalid or getattr(results, "invalid", None),
+            "ers": ERS.from_results(results.results).to_dict(),  # RobRank's ERS (None unless all ten terms ran)
             "warnings": list(getattr(results, "warnings", [])),
             "results": rows,
             "sanity": [sanity_row(c) for c in getattr(results, "sanity", [])],
@@ -336,6 +339,7 @@ class Report:
             parts.append(f"mAP = {100 * clean['map']:.1f}%")
         suite = d["suite"]
         lines = [" · ".join(parts), ""]
+        lines += _ers_lines(d)
         lines += _query_database_lines(d.get("clean_query_database"))
         where = f" ({d['suite_file']})" if d.get("suite_file") else ""
         lines.append(
@@ -406,6 +410,20 @@ def _query_database_lines(section: dict[str, Any] | None) -> list[str]:
             + " · ".join(values), ""]
 
 
+def _ers_lines(d: dict[str, Any]) -> list[str]:
+    """RobRank's ERS and its ten terms, when the report has it or ran one of the ERS-only attacks
+    (then the line says which terms are missing); nothing for other suites."""
+    ers = d.get("ers") or {}
+    ran_ers_attack = any(r.get("attack") in ERS_ONLY_ATTACKS for r in d.get("results", []))
+    if ers.get("value") is None and not ran_ers_attack:
+        return []
+    terms = ers.get("terms") or {}
+    listed = ", ".join(f"{t} {_fmt(terms[t])}" for t, _, _ in ERS_TERMS if t in terms)
+    if ers.get("value") is None:
+        return [f"**ERS: none** ({ers.get('reason')})" + (f"; terms: {listed}" if listed else ""), ""]
+    return [f"**ERS {_fmt(ers['value'])}** (RobRank's empirical robustness score, 0-100, mean of: {listed})", ""]
+
+
 def _row_label(r: dict[str, Any]) -> str:
     size = f" {r['size_key']}={r[r['size_key']]}" if r.get("size_key") else ""
     return f"{r['attack']} eps={r['eps']:g}{size}"
@@ -439,7 +457,10 @@ def _sanity_lines(d: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-_METRIC_TITLES = {"shift": "Maximum embedding shift (ES): mean d(f(x~), f(x)) ± std per eps."}
+_METRIC_TITLES = {"shift": "Maximum embedding shift (ES): mean d(f(x~), f(x)) ± std per eps.",
+                  "cos": "Targeted mismatch (TMA): mean cos(f(q~), f(t)) ± std per eps.",
+                  "recall@1": "Recall@1 (%) of the attacked queries (ES:R, LTM, GTM), mean ± std per eps.",
+                  "retain@4": "GTT: clean top-1 still in the top 4 (%), mean ± std per eps."}
 
 
 def _block_label(d: dict[str, Any], i: int) -> str:

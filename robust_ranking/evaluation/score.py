@@ -26,7 +26,9 @@ Relation to RobRank's ERS (Zhou et al., "Adversarial Attack and Defense in Deep 
 QA- terms ``100 - R_adv``, i.e. the formulas above with R_clean fixed to 50% and 0%. On the
 ``robrank_profile`` suite our score therefore approximates (mean of ERS's first four terms) /
 100, with the measured clean ranks instead of the nominal ones; the other six ERS terms (ES:D,
-ES:R, TMA, LTM, GTM, GTT) are not included, so the two numbers are not interchangeable.
+ES:R, TMA, LTM, GTM, GTT) are not included, so the two numbers are not interchangeable. ERS itself
+is :class:`ERS` below, computed beside the score from the same results when a suite runs all ten
+attacks (``configs/suites/robrank_ers_28.yaml`` / ``robrank_ers_224.yaml``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["RobustnessScore"]
+__all__ = ["ERS", "ERS_ONLY_ATTACKS", "ERS_TERMS", "RobustnessScore", "ers_term"]
 
 
 class _ScoredResult(Protocol):
@@ -103,3 +105,109 @@ class RobustnessScore:
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- RobRank's ERS
+#: The ten ERS terms in RobRank's order: (term, suite attack name, metric the term reads).
+#: Zhou et al., "Adversarial Attack and Defense in Deep Ranking" (IEEE TPAMI, arXiv 2106.03614),
+#: ``tools/pjswipe.py`` (``Scores`` / ``ersnormalize``).
+ERS_TERMS: tuple[tuple[str, str, str], ...] = (
+    ("CA+", "CA+", "rank"),
+    ("CA-", "CA-", "rank"),
+    ("QA+", "QA+", "rank"),
+    ("QA-", "QA-", "rank"),
+    ("TMA", "TMA", "cos"),
+    ("ES:D", "ES", "shift"),
+    ("ES:R", "ES:R", "recall@1"),
+    ("LTM", "LTM", "recall@1"),
+    ("GTM", "GTM", "recall@1"),
+    ("GTT", "GTT", "retain@4"),
+)
+
+#: The suite attacks that exist for ERS only (reports mention ERS when a suite runs one of them).
+ERS_ONLY_ATTACKS: frozenset[str] = frozenset({"TMA", "ES:R", "LTM", "GTM", "GTT"})
+
+
+def ers_term(term: str, value: float) -> float:
+    """One ERS term in RobRank's normalization (``ersnormalize``; 100 = the attack had no effect).
+
+    ``value`` is the attack's mean metric: normalized rank in percent (CA / QA), cosine similarity
+    (TMA), embedding shift (ES:D), Recall@1 or retain@4 in percent (ES:R, LTM, GTM, GTT).
+    """
+    if term in ("CA+", "QA+"):
+        return 2.0 * value
+    if term in ("CA-", "QA-"):
+        return 100.0 - value
+    if term == "TMA":
+        return 100.0 * (1.0 - value)
+    if term == "ES:D":
+        return 100.0 * (2.0 - value) / 2.0
+    if term in ("ES:R", "LTM", "GTM", "GTT"):
+        return float(value)
+    raise ValueError(f"unknown ERS term {term!r}; known: {', '.join(t for t, _, _ in ERS_TERMS)}")
+
+
+@dataclass(frozen=True)
+class ERS:
+    """RobRank's empirical robustness score: the mean of the ten :data:`ERS_TERMS`, each in
+    RobRank's normalization (:func:`ers_term`), in [0, 100] for normalized embeddings.
+
+    Each term reads the one configuration (eps > 0) of its attack in the results; ERS is ``None``
+    and ``reason`` says why when a term's attack did not run (``missing``), ran at more than one
+    configuration (ERS is defined on one profile, RobRank's ``rob28`` / ``rob224``) or is invalid
+    (non-finite numbers).
+
+    Attributes:
+        value: ERS, or ``None``.
+        terms: the normalized terms that could be computed, in :data:`ERS_TERMS` order.
+        missing: the terms whose attack is not among the results.
+        reason: why ``value`` is ``None`` (``None`` when there is a value).
+    """
+
+    value: float | None
+    terms: dict[str, float] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
+    reason: str | None = None
+
+    @classmethod
+    def from_results(cls, results: Iterable[_ScoredResult]) -> ERS:
+        """ERS of reduced results (objects with ``attack``, ``eps``, ``mean``; ``invalid`` / ``label`` if any)."""
+        by_attack: dict[str, list] = {}
+        for result in results:
+            if result.eps != 0:
+                by_attack.setdefault(result.attack, []).append(result)
+        terms: dict[str, float] = {}
+        missing: list[str] = []
+        problems: list[str] = []
+        for term, attack, metric in ERS_TERMS:
+            found = by_attack.get(attack, [])
+            if not found:
+                missing.append(term)
+                continue
+            if len(found) > 1:
+                labels = ", ".join(getattr(r, "label", r.attack) for r in found)
+                problems.append(f"{term} has {len(found)} configurations ({labels}); ERS takes one per term")
+                continue
+            result = found[0]
+            found_metric = getattr(result, "metric", metric)
+            if found_metric != metric:
+                problems.append(f"{term} needs {attack}'s metric {metric!r}, got {found_metric!r}")
+                continue
+            invalid = getattr(result, "invalid", None)
+            if invalid is None and not _finite(result.mean):
+                invalid = "its mean is not a finite number"
+            if invalid is not None:
+                problems.append(f"{term} ({getattr(result, 'label', attack)}) is invalid: {invalid}")
+                continue
+            terms[term] = ers_term(term, float(result.mean))
+        reason = None
+        if missing:
+            reason = f"missing ERS term(s): {', '.join(missing)}"
+        if problems:
+            reason = "; ".join(([reason] if reason else []) + problems)
+        value = sum(terms.values()) / len(terms) if reason is None else None
+        return cls(value=value, terms=terms, missing=tuple(missing), reason=reason)
+
+    def to_dict(self) -> dict:
+        """The report's ``ers`` section."""
+        return {"value": self.value, "terms": dict(self.terms), "missing": list(self.missing), "reason": self.reason}

@@ -7,7 +7,8 @@ Everything here takes a plain :class:`torch.utils.tensorboard.SummaryWriter` (or
 writer can share it. Tags (``<a>`` = attack, ``<e>`` = epsilon, ``<k>`` = w / m):
 
 - scalars ``robust/<a>/eps=<e>/<w|m>=<k>`` (mean metric of a cell), ``robust/score`` and its
-  per-attack components ``robust/score/<a>`` (:func:`scalar_values`; the callback logs them through
+  per-attack components ``robust/score/<a>``, and ``robust/ers`` (RobRank's ERS, only when the suite
+  ran all ten ERS terms; :func:`scalar_values`; the callback logs them through
   ``pl_module.log`` so they also reach ``callback_metrics``);
 - images ``robust_images/<a> eps=<e> [w|m=<k>] (clean|adv|perturbation)``: a grid of three rows,
   clean / adversarial / perturbation rescaled so that gray = 0 and black / white = -eps / +eps
@@ -40,6 +41,7 @@ from torchvision.utils import make_grid
 
 from robust_ranking.data.retrieval_batch import collate_retrieval_batch
 from robust_ranking.retrieval.index import stable_topk
+from robust_ranking.evaluation.score import ERS
 
 __all__ = [
     "HPARAM_METRICS_PREFIX",
@@ -62,12 +64,13 @@ _RED = (0.85, 0.1, 0.1)
 _BLUE = (0.15, 0.35, 0.95)
 _GRAY = (0.6, 0.6, 0.6)
 _METRIC_AXES = {"rank": "mean normalized rank (%)", "shift": "mean embedding shift", "ap": "mAP (AP@topk)",
-                "ap_sdc": "mAP (SDC)"}
+                "ap_sdc": "mAP (SDC)", "cos": "mean cos(f(q~), f(t))", "recall@1": "Recall@1 (%)",
+                "retain@4": "clean top-1 retained in top 4 (%)"}
 
 
 # --------------------------------------------------------------------------- scalars
 def scalar_values(results: Any) -> dict[str, float]:
-    """``robust/<attack>/eps=<e>/<w|m>=<k>`` -> mean metric, ``robust/score`` and ``robust/score/<attack>``.
+    """``robust/<attack>/eps=<e>/<w|m>=<k>`` -> mean metric, ``robust/score``, ``robust/score/<attack>``, ``robust/ers``.
 
     Invalid cells (non-finite numbers) have no value to plot and are left out; the report says why.
     """
@@ -82,6 +85,9 @@ def scalar_values(results: Any) -> dict[str, float]:
     if results.score.value is not None:
         out["robust/score"] = float(results.score.value)
         out.update({f"robust/score/{a}": float(v) for a, v in results.score.per_attack.items()})
+    ers = ERS.from_results(results.results)
+    if ers.value is not None:  # RobRank's ERS: only with all ten terms (the report says which are missing)
+        out["robust/ers"] = float(ers.value)
     return out
 
 
