@@ -1,4 +1,4 @@
-"""Training throughput of the max-shift defense (ECCV 2020 Eq. 13) relative to vanilla training.
+"""Training throughput of the defenses (max-shift, ACT, HM) relative to vanilla training.
 
 For each ``--steps`` value, one Lightning ``fit`` of the model (same initialization, same
 batches) in which training batches *alternate* between vanilla (even batch index) and defended
@@ -15,6 +15,14 @@ CPU run reported in docs/defense.md (about 2 minutes on 2 idle cores)::
 
     .venv/bin/python bench/defense_throughput.py --data fashion-mnist --backbone c2f1 \
         --batch-size 128 --pairs 12 --warmup-pairs 1 --steps 10 30 --threads 2
+
+``--defense act hm`` times the triplet defenses instead (docs/defense.md, "ACT and HM"): their
+defended step trains on ``[a; p~; n~]``, 1.5x the loader batch, and HM's PGD may stop early; images/s
+count the loader batch (``--batch-size``) for both columns. HM is timed with its ICS term (one extra
+forward + backward of 1.5x the batch)::
+
+    .venv/bin/python bench/defense_throughput.py --data synthetic --backbone c2f1 --batch-size 32 \
+        --samples-per-class 4 --pairs 4 --warmup-pairs 1 --steps 8 --defense max_shift act hm --threads 2
 
 ``--data synthetic`` uses 28x28 synthetic images when Fashion-MNIST is not installed;
 ``--device cuda`` times on a GPU (synchronizing around each batch).
@@ -34,7 +42,11 @@ import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
-from robust_ranking.callbacks import MaxShiftAdversarialTraining
+from robust_ranking.callbacks import (
+    AntiCollapseTripletTraining,
+    HardnessManipulationTraining,
+    MaxShiftAdversarialTraining,
+)
 from robust_ranking.data import FashionMNISTDataModule, RetrievalDataModule, SyntheticDataModule
 from robust_ranking.lightning_modules import C2F1, LeNet, MetricRanker
 
@@ -60,8 +72,8 @@ class BatchTimer(pl.Callback):
         self.times[batch_idx] = time.perf_counter() - self._start
 
 
-class OddBatchDefense(MaxShiftAdversarialTraining):
-    """The defense on odd batch indices only, so vanilla and defended batches interleave."""
+class OddBatches:
+    """Mixin: the defense on odd batch indices only, so vanilla and defended batches interleave."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx % 2 == 1:
@@ -70,6 +82,25 @@ class OddBatchDefense(MaxShiftAdversarialTraining):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx % 2 == 1:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class OddBatchDefense(OddBatches, MaxShiftAdversarialTraining):
+    pass
+
+
+class OddBatchACT(OddBatches, AntiCollapseTripletTraining):
+    pass
+
+
+class OddBatchHM(OddBatches, HardnessManipulationTraining):
+    pass  # on_after_backward (ICS) only acts on steps whose on_train_batch_start crafted
+
+
+DEFENSES = {
+    "max_shift": lambda a, steps: OddBatchDefense(eps=a.eps, alpha=a.alpha, steps=steps),
+    "act": lambda a, steps: OddBatchACT(eps=a.eps, alpha=a.alpha, steps=steps),
+    "hm": lambda a, steps: OddBatchHM(eps=a.eps, alpha=a.alpha, steps=steps),
+}
 
 
 def make_data(kind: str, batch_size: int, samples_per_class: int, batches: int) -> RetrievalDataModule:
@@ -86,11 +117,12 @@ def make_model(backbone: str, embedding_dim: int) -> MetricRanker:
     return MetricRanker(backbone=net, loss=TripletMarginLoss(margin=0.2, distance=CosineSimilarity()))
 
 
-def time_pairs(args: argparse.Namespace, data: RetrievalDataModule, steps: int) -> tuple[list[float], list[float]]:
+def time_pairs(args: argparse.Namespace, data: RetrievalDataModule, steps: int,
+               defense_name: str = "max_shift") -> tuple[list[float], list[float]]:
     """``(vanilla, defended)`` wall times of the timed pairs (after ``--warmup-pairs``)."""
     device = torch.device(args.device)
     timer = BatchTimer(device)
-    defense = OddBatchDefense(eps=args.eps, alpha=args.alpha, steps=steps)
+    defense = DEFENSES[defense_name](args, steps)
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -124,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--defense", nargs="+", choices=sorted(DEFENSES), default=["max_shift"])
     args = parser.parse_args(argv)
     if args.pairs < 1 or args.warmup_pairs < 0:
         parser.error("--pairs must be >= 1 and --warmup-pairs >= 0")
@@ -136,12 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     # One data module (hence the same batches) for every run.
     data = make_data(args.data, args.batch_size, args.samples_per_class, 2 * (args.warmup_pairs + args.pairs))
     rows = []
-    for steps in args.steps:
-        vanilla_times, defended_times = time_pairs(args, data, steps)
-        vanilla, defended = statistics.median(vanilla_times), statistics.median(defended_times)
-        ratio, ideal = vanilla / defended, 1.0 / (steps + 1)
-        rows.append(f"| {steps} | {args.batch_size / vanilla:.1f} | {args.batch_size / defended:.1f} | "
-                    f"{ratio:.4f} | {ideal:.4f} | {ratio / ideal:.2f} |")
+    for defense_name in args.defense:
+        for steps in args.steps:
+            vanilla_times, defended_times = time_pairs(args, data, steps, defense_name)
+            vanilla, defended = statistics.median(vanilla_times), statistics.median(defended_times)
+            ratio, ideal = vanilla / defended, 1.0 / (steps + 1)
+            rows.append(f"| {defense_name} | {steps} | {args.batch_size / vanilla:.1f} | "
+                        f"{args.batch_size / defended:.1f} | {ratio:.4f} | {ideal:.4f} | {ratio / ideal:.2f} |")
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
@@ -150,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.pairs} interleaved (vanilla, defended) pairs after {args.warmup_pairs} untimed, eps {args.eps}, "
           f"alpha {args.alpha}, {device_name}, torch {torch.__version__}, "
           f"1-min load average {load_before:.2f} before / {load_after:.2f} after\n")
-    print("| PGD steps | vanilla images/s | defended images/s | ratio | ideal 1/(steps+1) | ratio / ideal |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| defense | PGD steps | vanilla images/s | defended images/s | ratio | ideal 1/(steps+1) | ratio / ideal |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 
