@@ -160,3 +160,94 @@ def resolved_config(*args: str, subcommand: str = "fit") -> dict:
         train.main([subcommand, *args, "--print_config"])
     assert exit_info.value.code in (0, None), f"train.py {subcommand} {' '.join(args)} failed"
     return yaml.safe_load(out.getvalue())
+
+
+# ----------------------------------------------------------------------------- DML benchmark trees
+#: Class ids of the fabricated DML trees: train classes, test classes (the official id ranges' ends).
+DML_CLASSES = {
+    "cub": ([1, 2, 100], [101, 150, 200]),
+    "cars": ([1, 50, 98], [99, 150, 196]),
+    "sop": ([1, 2, 11318], [11319, 20000, 22634]),
+}
+
+
+def _tiny_jpeg(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> None:
+    """A small noisy JPEG (PIL), landscape or portrait by ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def fabricate_dml_tree(kind: str, root: Path, per_class: int = 4, layout: str = "annos") -> list[Path]:
+    """A tiny tree in the official layout of ``kind`` ("cub", "cars" or "sop") under ``root``, with
+    ``per_class`` JPEGs for each class of :data:`DML_CLASSES`; returns the image paths in listing order.
+
+    CUB: ``root/CUB_200_2011/{images.txt, image_class_labels.txt, images/<class>/<name>.jpg}``.
+    Cars (``layout="annos"``): ``root/cars_annos.mat`` + ``root/car_ims/*.jpg``; (``layout="devkit"``):
+    ``devkit/cars_train_annos.mat`` + ``cars_train/``, ``cars_test_annos_withlabels.mat`` + ``cars_test/``.
+    SOP: ``root/Stanford_Online_Products/{Ebay_train.txt, Ebay_test.txt, <category>_final/*.JPG}``.
+    """
+    import numpy as np
+
+    train, test = DML_CLASSES[kind]
+    rows = [(c, k) for c in train + test for k in range(per_class)]
+    paths: list[Path] = []
+    if kind == "cub":
+        folder = root / "CUB_200_2011"
+        images, labels = [], []
+        for i, (c, k) in enumerate(rows, start=1):
+            rel = f"{c:03d}.Bird_{c}/Bird_{c}_{k:04d}.jpg"
+            _tiny_jpeg(folder / "images" / rel, i, (24, 16) if k % 2 else (16, 24))
+            images.append(f"{i} {rel}")
+            labels.append(f"{i} {c}")
+            paths.append(folder / "images" / rel)
+        (folder / "images.txt").write_text("\n".join(images) + "\n")
+        (folder / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+        (folder / "train_test_split.txt").write_text("\n".join(f"{i} {i % 2}" for i in range(1, len(rows) + 1)))
+    elif kind == "cars":
+        from scipy.io import savemat
+
+        def struct(entries: list[dict]) -> np.ndarray:
+            dtype = [(name, object) for name in entries[0]]
+            return np.array([tuple(e.values()) for e in entries], dtype=dtype)
+
+        if layout == "annos":
+            entries = []
+            for i, (c, k) in enumerate(rows, start=1):
+                rel = f"car_ims/{i:06d}.jpg"
+                _tiny_jpeg(root / rel, i)
+                paths.append(root / rel)
+                entries.append({"relative_im_path": rel, "bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 10, "bbox_y2": 10,
+                                "class": c, "test": int(k % 2)})
+            root.mkdir(parents=True, exist_ok=True)
+            savemat(str(root / "cars_annos.mat"), {"annotations": struct(entries)})
+        else:
+            halves = {"cars_train": [], "cars_test": []}
+            for i, (c, k) in enumerate(rows, start=1):
+                half = "cars_train" if k % 2 == 0 else "cars_test"
+                name = f"{len(halves[half]) + 1:05d}.jpg"
+                _tiny_jpeg(root / half / name, i)
+                halves[half].append({"bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 10, "bbox_y2": 10, "class": c, "fname": name})
+            paths = [root / half / e["fname"] for half in halves for e in halves[half]]
+            (root / "devkit").mkdir(parents=True, exist_ok=True)
+            savemat(str(root / "devkit" / "cars_train_annos.mat"), {"annotations": struct(halves["cars_train"])})
+            savemat(str(root / "cars_test_annos_withlabels.mat"), {"annotations": struct(halves["cars_test"])})
+    elif kind == "sop":
+        folder = root / "Stanford_Online_Products"
+        image_id = 0
+        for split, classes in (("train", train), ("test", test)):
+            lines = ["image_id class_id super_class_id path"]
+            for c in classes:
+                for k in range(per_class):
+                    image_id += 1
+                    rel = f"bicycle_final/{c}_{k}.JPG"
+                    _tiny_jpeg(folder / rel, image_id)
+                    paths.append(folder / rel)
+                    lines.append(f"{image_id} {c} 1 {rel}")
+            (folder / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    else:
+        raise ValueError(kind)
+    return paths

@@ -4,9 +4,12 @@ Every item/batch is ``(images float32 [C,H,W] in [0,1], label int64, index int64
 normalisation (models normalise inside, so attack budgets are in pixel units).
 """
 
+from robust_ranking.data.cars196 import Cars196DataModule
 from robust_ranking.data.cifar10 import CIFAR10DataModule
 from robust_ranking.data.class_balanced_batch_sampler import ClassBalancedBatchSampler
-from robust_ranking.data.errors import DataConfigError
+from robust_ranking.data.cub200 import CUB200DataModule
+from robust_ranking.data.dml_benchmark import DMLBenchmarkDataModule
+from robust_ranking.data.errors import DataConfigError, DataNotFoundError
 from robust_ranking.data.fashion_mnist import FASHION_MNIST_DEBIAN_DIR, FashionMNISTDataModule
 from robust_ranking.data.idx_format import read_idx_ubyte, write_idx_ubyte
 from robust_ranking.data.image_file_dataset import ImageFileDataset
@@ -20,8 +23,12 @@ from robust_ranking.data.tensor_image_dataset import TensorImageDataset
 
 __all__ = [
     "CIFAR10DataModule",
+    "CUB200DataModule",
+    "Cars196DataModule",
     "ClassBalancedBatchSampler",
+    "DMLBenchmarkDataModule",
     "DataConfigError",
+    "DataNotFoundError",
     "FASHION_MNIST_DEBIAN_DIR",
     "FashionMNISTDataModule",
     "ImageFileDataset",

@@ -10,3 +10,8 @@ class DataConfigError(ValueError):
     so that ``train.py`` can print it as one ``train.py: error: ...`` line while genuine bugs still
     show their traceback. A ``ValueError``, so ``except ValueError`` keeps working.
     """
+
+
+class DataNotFoundError(DataConfigError, FileNotFoundError):
+    """A dataset folder, annotation file or image that is not there (the message names it and says
+    where it should be). Both a :class:`DataConfigError` and a ``FileNotFoundError``."""

@@ -10,12 +10,15 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from robust_ranking.data.errors import DataConfigError, DataNotFoundError
+
 
 class ImageFileDataset(Dataset):
     """Items ``(transform(RGB PIL image), label, index)``; ``transform`` must return a float tensor in [0,1].
 
     ``labels`` is an int64 tensor available without decoding any image (the class-balanced sampler
-    needs it).
+    needs it). A file that is missing or cannot be decoded (truncated, corrupt, not an image) is one
+    :class:`data.DataConfigError` naming it.
     """
 
     def __init__(
@@ -38,8 +41,7 @@ class ImageFileDataset(Dataset):
         index = int(index)
         if index < 0:
             index += len(self)
-        with Image.open(self.paths[index]) as img:
-            image = self.transform(img.convert("RGB"))
+        image = self.transform(read_rgb_image(self.paths[index]))
         return image, self.labels[index], torch.tensor(index, dtype=torch.int64)
 
     def subset(self, indices: Tensor | Sequence[int]) -> "ImageFileDataset":
@@ -50,3 +52,16 @@ class ImageFileDataset(Dataset):
     def with_transform(self, transform: Callable[[Image.Image], Tensor]) -> "ImageFileDataset":
         """The same files and labels with another transform (e.g. the non-augmented eval view)."""
         return ImageFileDataset(self.paths, self.labels, transform)
+
+
+def read_rgb_image(path: Path) -> Image.Image:
+    """The decoded RGB image at ``path``; a missing or undecodable file is a one-line
+    :class:`data.DataConfigError` naming it (:class:`data.DataNotFoundError` when missing)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # decodes the whole file: truncation shows up here
+    except FileNotFoundError:
+        raise DataNotFoundError(f"image {path} does not exist: re-extract the dataset archive") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataConfigError(f"image {path} cannot be decoded ({reason}): re-extract the dataset archive") from None

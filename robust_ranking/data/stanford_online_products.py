@@ -6,80 +6,46 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torchvision import transforms
 
-from robust_ranking.data.errors import DataConfigError
-from robust_ranking.data.image_file_dataset import ImageFileDataset
-from robust_ranking.data.retrieval_datamodule import RetrievalDataModule
+from robust_ranking.data.dml_benchmark import DMLBenchmarkDataModule
+from robust_ranking.data.errors import DataConfigError, DataNotFoundError
 
 SOP_FOLDER = "Stanford_Online_Products"
 _SPLIT_FILES = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}
 
 
-class StanfordOnlineProductsDataModule(RetrievalDataModule):
+class StanfordOnlineProductsDataModule(DMLBenchmarkDataModule):
     """SOP read from ``root`` (the folder with ``Ebay_train.txt`` / ``Ebay_test.txt``, or its parent).
 
-    Images are decoded lazily with PIL as RGB, resized on the shortest side to ``image_size`` and
-    center-cropped to ``[3, image_size, image_size]``; with ``augment`` the training split instead gets
-    a resize to ``image_size * 8/7``, a random crop and a random horizontal flip. Labels are the
-    ``class_id`` column remapped to ``0..C-1`` within each split (train and test classes are disjoint);
-    ``num_classes`` is the number of training classes. Nothing is downloaded.
+    The official layout (``Stanford_Online_Products.zip``): ``Ebay_train.txt`` / ``Ebay_test.txt``
+    (header ``image_id class_id super_class_id path``, paths relative to the folder, e.g.
+    ``bicycle_final/111085122871_0.JPG``) and the twelve ``<category>_final/`` image folders. The
+    official split is the DML split: classes 1-11318 train, 11319-22634 test.
+
+    Transforms, labels and error reporting: :class:`DMLBenchmarkDataModule` (standard DML pipeline,
+    ``RandomResizedCrop`` + flip for training unless ``augment=False``, resize 256 + center crop 224
+    for evaluation). Nothing is downloaded.
 
     ``samples_per_class`` defaults to 2 because most SOP classes have only 2 to 12 images.
-    Use ``num_workers > 0``: decoding JPEGs dominates the cost.
     """
 
-    def __init__(
-        self,
-        samples_per_class: int = 2,
-        image_size: int = 224,
-        augment: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        # the shared arguments (root, loaders, protocol, ...) are RetrievalDataModule's; jsonargparse
-        # follows **kwargs into it, so the CLI still lists them
+    dataset_name = "Stanford Online Products"
+    root_hint = "the Stanford_Online_Products folder (with Ebay_train.txt, Ebay_test.txt and the image folders)"
+
+    def __init__(self, samples_per_class: int = 2, **kwargs: Any) -> None:
+        # image_size / resize_size / augment are DMLBenchmarkDataModule's, the loader arguments
+        # RetrievalDataModule's; jsonargparse follows **kwargs into both
         super().__init__(samples_per_class=samples_per_class, **kwargs)
-        if image_size < 1:
-            raise DataConfigError(f"image_size must be >= 1, got {image_size}")
-        self.image_size = image_size
-        self.augment = augment
-        self.image_shape = (3, image_size, image_size)
-
-    def eval_transform(self) -> transforms.Compose:
-        """Shortest-side resize + center crop, float [0, 1]."""
-        size = self.image_size
-        return transforms.Compose(
-            [transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()]
-        )
-
-    def train_transform(self) -> transforms.Compose:
-        """:meth:`eval_transform`, or resize/random-crop/flip when ``augment``."""
-        if not self.augment:
-            return self.eval_transform()
-        size = self.image_size
-        return transforms.Compose(
-            [
-                transforms.Resize(round(size * 8 / 7)),
-                transforms.RandomCrop(size),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-            ]
-        )
 
     def resolve_folder(self) -> Path:
         """The folder holding ``Ebay_train.txt`` and ``Ebay_test.txt``."""
-        if self.root is None:
-            raise FileNotFoundError(
-                "Stanford Online Products needs --data.root pointing at the Stanford_Online_Products folder "
-                "(with Ebay_train.txt, Ebay_test.txt and the image folders); it is not downloaded "
-                "automatically"
-            )
-        root = Path(self.root).expanduser()
+        return self.find_folder(self.root_path())
+
+    def find_folder(self, root: Path) -> Path:
         for folder in (root, root / SOP_FOLDER):
             if all((folder / name).is_file() for name in _SPLIT_FILES.values()):
                 return folder
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"no Ebay_train.txt / Ebay_test.txt in {root} or {root / SOP_FOLDER}: "
             "point --data.root at the extracted Stanford_Online_Products folder"
         )
@@ -99,18 +65,17 @@ class StanfordOnlineProductsDataModule(RetrievalDataModule):
                 f"{path}: expected non-empty rows of 4 columns 'image_id class_id super_class_id path'"
             )
         paths = [path.parent / r[3] for r in rows]
-        class_ids = np.array([int(r[1]) for r in rows], dtype=np.int64)
+        try:
+            class_ids = np.array([int(r[1]) for r in rows], dtype=np.int64)
+        except ValueError:
+            raise DataConfigError(f"{path}: the class_id column must hold integers") from None
         return paths, class_ids
 
-    def load_splits(self) -> tuple[ImageFileDataset, ImageFileDataset]:
-        folder = self.resolve_folder()
-
-        def load(split: str, transform: transforms.Compose) -> ImageFileDataset:
-            paths, class_ids = self.read_split_file(folder / _SPLIT_FILES[split])
-            _, labels = np.unique(class_ids, return_inverse=True)  # class ids -> 0..C-1 within the split
-            return ImageFileDataset(paths, torch.from_numpy(labels.astype(np.int64)), transform)
-
-        return load("train", self.train_transform()), load("test", self.eval_transform())
-
-    def eval_view(self, dataset: ImageFileDataset) -> ImageFileDataset:  # type: ignore[override]
-        return dataset.with_transform(self.eval_transform())
+    def read_annotations(self, folder: Path) -> tuple[list[Path], np.ndarray, list[Path], np.ndarray]:
+        splits = []
+        for split in ("train", "test"):
+            source = folder / _SPLIT_FILES[split]
+            paths, class_ids = self.read_split_file(source)
+            self.check_files_exist(paths, str(source))
+            splits += [paths, class_ids]
+        return splits[0], splits[1], splits[2], splits[3]

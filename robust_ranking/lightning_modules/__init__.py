@@ -1,6 +1,6 @@
 """The rankers (LightningModules) and their parts."""
 
-from robust_ranking.lightning_modules.backbones import C2F1, LeNet, ResNet18
+from robust_ranking.lightning_modules.backbones import C2F1, LeNet, ResNet18, ResNet50
 from robust_ranking.lightning_modules.capabilities import HashingRanker, ProductQuantizationRanker, TrainingLossRanker
 from robust_ranking.lightning_modules.checkpoint_io import UnsafeCheckpointError, load_checkpoint, ranker_from_checkpoint
 from robust_ranking.lightning_modules.input_normalization import InputNormalization
@@ -8,7 +8,7 @@ from robust_ranking.lightning_modules.metric_ranker import MetricRanker
 from robust_ranking.lightning_modules.ranker import Ranker, load_ranker
 
 __all__ = ["C2F1", "HashingRanker", "InputNormalization", "LeNet", "MetricRanker", "ProductQuantizationRanker",
-           "Ranker", "ResNet18", "TrainingLossRanker", "UnsafeCheckpointError", "load_checkpoint", "load_ranker",
+           "Ranker", "ResNet18", "ResNet50", "TrainingLossRanker", "UnsafeCheckpointError", "load_checkpoint", "load_ranker",
            "ranker_from_checkpoint"]
 
 # Deep Cauchy Hashing (docs/dch.md)

@@ -225,6 +225,15 @@ def check_hyperparameters(hparams: dict[str, Any], source: str) -> None:
                 f"(a checkpoint may only name classes and functions of {', '.join(m + '.' for m in COMPONENT_MODULES)})")
 
 
+def _without_pretrained_weights(value: Any) -> Any:
+    """``value`` (a recorded model config) with every ``weights_path`` entry set to ``None``."""
+    if isinstance(value, dict):
+        return {k: (None if k == "weights_path" else _without_pretrained_weights(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_pretrained_weights(v) for v in value]
+    return value
+
+
 def ranker_from_checkpoint(checkpoint: dict[str, Any], source: str) -> Any:
     """The ranker of a checkpoint dict returned by :func:`load_checkpoint`, rebuilt from the model
     config LightningCLI recorded in it and its ``state_dict``, on the device its tensors were
@@ -257,6 +266,9 @@ def ranker_from_checkpoint(checkpoint: dict[str, Any], source: str) -> Any:
     cls = ranker_class(class_path, source)
     if "pytorch-lightning_version" in checkpoint:
         checkpoint = _pl_migrate_checkpoint(checkpoint)
+    # The checkpoint's state_dict replaces any pretrained start: do not read the weights file again
+    # (it may not exist where the checkpoint is evaluated).
+    hparams = _without_pretrained_weights(hparams)
     model = _load_state(cls, {**checkpoint, "hyper_parameters": hparams})
     state_dict = checkpoint["state_dict"]
     device = next((t for t in state_dict.values() if isinstance(t, torch.Tensor)), torch.tensor(0)).device

@@ -17,9 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from robust_ranking.cli import train
 from robust_ranking.data.idx_format import write_idx_ubyte
 from robust_ranking.lightning_modules import MetricRanker, load_ranker
-from run_helpers import REPO
+from run_helpers import DML_CLASSES, REPO, fabricate_dml_tree
 
-# The 19 paper configs; through their includes they use every overlay under configs/ (tests/configs/test_configs.py).
+# The paper configs (the CUB / Cars / SOP ones on tiny fabricated trees); through their includes they use every
+# overlay under configs/ (tests/configs/test_configs.py).
 MODEL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Overlay stacks as the README writes them (model + data [+ defense] [+ budget]), including combinations
 # no paper config names.
@@ -62,6 +63,14 @@ def run_fast_dev_run(config_args: list[str], tmp: Path) -> None:
     args = ["fit", *config_args, "--trainer.fast_dev_run", "1", "--data.eval_batch_size", "250"]
     if any(Path(a).name.startswith("mnist") for a in config_args):  # mnist_*.yaml, configs/data/mnist.yaml
         args += ["--data.root", str(fake_mnist_root(tmp / "mnist"))]
+    dml = next((k for a in config_args for k in DML_CLASSES if Path(a).name.startswith(f"{k}_")), None)
+    if dml is not None:  # cub_*.yaml, cars_*.yaml, sop_*.yaml: a tiny tree in the official layout, small batches
+        fabricate_dml_tree(dml, tmp / dml, per_class=3)  # 9 test images: QA+ needs m + G = 6 candidates
+        args += ["--data.root", str(tmp / dml), "--data.batch_size", "4", "--data.eval_batch_size", "6",
+                 "--data.num_workers", "0"]
+        if any(Path(a).name.endswith("_ctd.yaml") for a in config_args):
+            # the defense's loop, not its 32 steps; the robustness check's 32-step attacks on 64x64 crops
+            args += ["--trainer.callbacks.init_args.steps", "2", "--data.image_size", "64"]
     cli = train.main(args)
     metrics = cli.trainer.callback_metrics
     assert {"val/recall@1", "val/map", "val/map@r", "val/nmi"} <= set(metrics)
