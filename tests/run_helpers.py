@@ -15,6 +15,7 @@ from torch import nn
 
 from robust_ranking.cli import train
 from robust_ranking.data import SyntheticDataModule
+from robust_ranking.evaluation import Collectives
 from robust_ranking.lightning_modules import LeNet, MetricRanker
 
 #: The repository root (tests/ is directly under it).
@@ -251,3 +252,96 @@ def fabricate_dml_tree(kind: str, root: Path, per_class: int = 4, layout: str = 
     else:
         raise ValueError(kind)
     return paths
+
+
+# ----------------------------------------------------------------------------- ranks simulated by threads
+class ThreadCollectives(Collectives):
+    """One rank of a world simulated by threads (an :class:`evaluation.Collectives`): a
+    barrier-synchronized ``all_gather``, so that the engine's DDP code paths run in one process."""
+
+    def __init__(self, rank: int, slots: list, barrier: Any) -> None:
+        self.rank, self.world_size, self.slots, self.sync = rank, len(slots), slots, barrier
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.sync.wait()
+        self.slots[self.rank] = tensor.clone()
+        self.sync.wait()
+        out = torch.stack(list(self.slots))
+        self.sync.wait()  # everyone has read before the next call overwrites
+        return out
+
+    def barrier(self) -> None:
+        self.sync.wait()
+
+
+def on_thread_ranks(work: Any, world_size: int = 2) -> dict[int, Any]:
+    """``{rank: work(collectives)}`` for ``world_size`` ranks run as threads; an error on any rank is raised."""
+    import threading
+
+    slots, barrier, outputs, errors = [None] * world_size, threading.Barrier(world_size), {}, []
+
+    def rank_main(rank: int) -> None:
+        try:
+            outputs[rank] = work(ThreadCollectives(rank, slots, barrier))
+        except BaseException as err:  # noqa: BLE001 - raised below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return outputs
+
+
+# ----------------------------------------------------------------------------- defended DDP fits
+def defense_ddp_config(save_dir: Path, callback: str) -> str:
+    """A ``train.py`` config of a tiny defended fit (LeNet, synthetic data, one epoch) with ``callback``
+    (a one-line YAML mapping: class_path + init_args) as its only callback; the tests run it with
+    ``--trainer.devices 2`` to check a 2-process CPU DDP fit."""
+    return _DEFENSE_DDP_CONFIG.format(save_dir=save_dir, callback=callback)
+
+
+_DEFENSE_DDP_CONFIG = """seed_everything: 0
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  devices: 1
+  use_distributed_sampler: false
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_checkpointing: false
+  logger:
+    class_path: pytorch_lightning.loggers.TensorBoardLogger
+    init_args:
+      save_dir: {save_dir}
+      name: ddp_defense
+  callbacks:
+    - {callback}
+model:
+  class_path: robust_ranking.lightning_modules.MetricRanker
+  init_args:
+    backbone:
+      class_path: robust_ranking.lightning_modules.LeNet
+      init_args:
+        embedding_dim: 16
+    loss:
+      class_path: pytorch_metric_learning.losses.TripletMarginLoss
+      init_args:
+        margin: 0.2
+        distance:
+          class_path: pytorch_metric_learning.distances.CosineSimilarity
+data:
+  class_path: robust_ranking.data.SyntheticDataModule
+  init_args:
+    batch_size: 16
+    samples_per_class: 4
+    train_per_class: 16
+    test_per_class: 4
+    eval_batch_size: 16
+"""

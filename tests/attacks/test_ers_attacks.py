@@ -4,7 +4,6 @@ agreement with ES, the engine, and world size 2 == 1 (ranks simulated by threads
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -19,10 +18,10 @@ from robust_ranking.attacks.ranking import (
     TargetedMismatchAttack,
 )
 from robust_ranking.attacks.ranking.top1 import recall_at_1, stable_position
-from robust_ranking.evaluation import ATTACKS, Collectives, RobustnessEvaluator, Suite
+from robust_ranking.evaluation import ATTACKS, RobustnessEvaluator, Suite
 from robust_ranking.evaluation.report import Report
 from robust_ranking.evaluation.tensorboard import scalar_values
-from run_helpers import REPO
+from run_helpers import on_thread_ranks, REPO
 
 EPS, ALPHA, STEPS = 0.1, 0.01, 20
 
@@ -193,41 +192,8 @@ def test_engine_runs_all_ten_and_reports_ers(single):
     assert scalar_values(single)["robust/ers"] == pytest.approx(ers["value"])
 
 
-class _ThreadCollectives(Collectives):
-    """One rank of a world simulated by threads: a barrier-synchronized all_gather."""
-
-    def __init__(self, rank: int, slots: list, barrier: threading.Barrier) -> None:
-        self.rank, self.world_size, self.slots, self.sync = rank, len(slots), slots, barrier
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.sync.wait()
-        self.slots[self.rank] = tensor.clone()
-        self.sync.wait()
-        out = torch.stack(list(self.slots))
-        self.sync.wait()  # everyone has read before the next call overwrites
-        return out
-
-    def barrier(self) -> None:
-        self.sync.wait()
-
-
 def test_world_size_two_gives_the_single_process_numbers(tiny_ranker, single):
-    slots, barrier, outputs, errors = [None, None], threading.Barrier(2), {}, []
-
-    def rank_main(rank: int) -> None:
-        try:
-            model = copy.deepcopy(tiny_ranker.model)
-            outputs[rank] = evaluate(tiny_ranker, model, _ThreadCollectives(rank, slots, barrier))
-        except BaseException as err:  # noqa: BLE001 - surfaced below
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    outputs = on_thread_ranks(lambda collectives: evaluate(tiny_ranker, copy.deepcopy(tiny_ranker.model), collectives))
     for rank in (0, 1):
         assert outputs[rank].world_size == 2
         for a, b in zip(single.results, outputs[rank].results, strict=True):

@@ -19,7 +19,7 @@ from robust_ranking.callbacks.triplet_adversarial_training import anchor_positiv
 from robust_ranking.data import SyntheticDataModule
 from robust_ranking.lightning_modules import DCHRanker, LeNet, MetricRanker
 from robust_ranking.lightning_modules.dch_loss import DCHLoss
-from run_helpers import REPO
+from run_helpers import REPO, defense_ddp_config
 
 BATCH = 16  # 4 classes x 4 samples -> 8 SPC-2 pairs -> 8 triplets -> 24 images per crafted step
 TRIPLETS = 8
@@ -303,47 +303,6 @@ def test_works_on_a_hashing_ranker(defense):
 
 
 # ----------------------------------------------------------------------------- DDP
-DDP_CONFIG = """
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  use_distributed_sampler: false
-  limit_val_batches: 1
-  num_sanity_val_steps: 0
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_checkpointing: false
-  logger:
-    class_path: pytorch_lightning.loggers.TensorBoardLogger
-    init_args:
-      save_dir: {save_dir}
-      name: ddp_defense
-  callbacks:
-    - {callback}
-model:
-  class_path: robust_ranking.lightning_modules.MetricRanker
-  init_args:
-    backbone:
-      class_path: robust_ranking.lightning_modules.LeNet
-      init_args:
-        embedding_dim: 16
-    loss:
-      class_path: pytorch_metric_learning.losses.TripletMarginLoss
-      init_args:
-        margin: 0.2
-        distance:
-          class_path: pytorch_metric_learning.distances.CosineSimilarity
-data:
-  class_path: robust_ranking.data.SyntheticDataModule
-  init_args:
-    batch_size: 16
-    samples_per_class: 4
-    train_per_class: 16
-    test_per_class: 4
-    eval_batch_size: 16
-"""
 
 DDP_CALLBACKS = {
     "act": ("{class_path: robust_ranking.callbacks.AntiCollapseTripletTraining, init_args: {eps: 0.1, steps: 2}}",
@@ -358,7 +317,7 @@ DDP_CALLBACKS = {
 def test_two_process_cpu_ddp_fit(name, tmp_path):
     callback, tag = DDP_CALLBACKS[name]
     config = tmp_path / "ddp.yaml"
-    config.write_text(DDP_CONFIG.format(save_dir=tmp_path / "runs", callback=callback))
+    config.write_text(defense_ddp_config(tmp_path / "runs", callback))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config),

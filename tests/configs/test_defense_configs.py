@@ -16,7 +16,7 @@ import yaml
 from robust_ranking.cli import train
 from robust_ranking.callbacks import MaxShiftAdversarialTraining
 from robust_ranking.data import write_idx_ubyte
-from run_helpers import REPO
+from run_helpers import REPO, defense_ddp_config
 
 DEFENDED_CONFIGS = ["fashion_mnist_ctd.yaml", "mnist_ctd.yaml", "fashion_mnist_etd.yaml"]
 
@@ -67,57 +67,14 @@ def test_defended_config_parses_and_runs_fast_dev_run(name, tmp_path, monkeypatc
     assert "val/recall@1" in metrics
 
 
-DDP_CONFIG = """
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  use_distributed_sampler: false
-  limit_val_batches: 1
-  num_sanity_val_steps: 0
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_checkpointing: false
-  logger:
-    class_path: pytorch_lightning.loggers.TensorBoardLogger
-    init_args:
-      save_dir: {save_dir}
-      name: ddp_defense
-  callbacks:
-    - class_path: robust_ranking.callbacks.MaxShiftAdversarialTraining
-      init_args:
-        eps: 0.1
-        steps: 2
-        mix_ratio: 0.5
-model:
-  class_path: robust_ranking.lightning_modules.MetricRanker
-  init_args:
-    backbone:
-      class_path: robust_ranking.lightning_modules.LeNet
-      init_args:
-        embedding_dim: 16
-    loss:
-      class_path: pytorch_metric_learning.losses.TripletMarginLoss
-      init_args:
-        margin: 0.2
-        distance:
-          class_path: pytorch_metric_learning.distances.CosineSimilarity
-data:
-  class_path: robust_ranking.data.SyntheticDataModule
-  init_args:
-    batch_size: 16
-    samples_per_class: 4
-    train_per_class: 16
-    test_per_class: 4
-    eval_batch_size: 16
-"""
 
 
 @pytest.mark.slow
 def test_two_process_cpu_ddp_fit_with_the_callback(tmp_path):
     config = tmp_path / "ddp.yaml"
-    config.write_text(DDP_CONFIG.format(save_dir=tmp_path / "runs"))
+    config.write_text(defense_ddp_config(
+        tmp_path / "runs", "{class_path: robust_ranking.callbacks.MaxShiftAdversarialTraining, "
+                           "init_args: {eps: 0.1, steps: 2, mix_ratio: 0.5}}"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config),

@@ -10,7 +10,6 @@ import copy
 import importlib.util
 import json
 import sys
-import threading
 
 import pytest
 import torch
@@ -18,9 +17,9 @@ from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import TripletMarginLoss
 
 from robust_ranking.data import SyntheticDataModule
-from robust_ranking.evaluation import Collectives, Report, RobustnessEvaluator, Suite
+from robust_ranking.evaluation import Report, RobustnessEvaluator, Suite
 from robust_ranking.lightning_modules import DCHLoss, DCHRanker, DPQNRanker, LeNet
-from run_helpers import REPO, fit_with_adam
+from run_helpers import on_thread_ranks, REPO, fit_with_adam
 
 
 # One cheap attack: the section does not depend on the suite (ES runs on every ranker family).
@@ -185,42 +184,10 @@ def test_no_section_without_a_split_or_without_clean_metrics(dch):
     assert "clean_query_database" not in Report.from_results(results, include_environment=False).data
 
 
-class _ThreadCollectives(Collectives):
-    """Two ranks in one process (threads), as tests/evaluation/test_sdha_engine.py."""
-
-    def __init__(self, rank: int, slots: list, barrier: threading.Barrier) -> None:
-        self.rank, self.world_size, self.slots, self.sync = rank, len(slots), slots, barrier
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.sync.wait()
-        self.slots[self.rank] = tensor.clone()
-        self.sync.wait()
-        out = torch.stack(list(self.slots))
-        self.sync.wait()
-        return out
-
-    def barrier(self) -> None:
-        self.sync.wait()
-
-
 def test_world_size_two_rank_zero_has_the_single_process_section(dch):
     model, dm = dch
     single = evaluate(model, dm).clean_query_database
-    slots, barrier, outputs, errors = [None, None], threading.Barrier(2), {}, []
-
-    def rank_main(rank: int) -> None:
-        try:
-            outputs[rank] = evaluate(copy.deepcopy(model), dm, _ThreadCollectives(rank, slots, barrier))
-        except BaseException as err:  # noqa: BLE001 - surfaced below
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    outputs = on_thread_ranks(lambda collectives: evaluate(copy.deepcopy(model), dm, collectives))
     assert outputs[0].clean_query_database == single and outputs[1].clean_query_database is None
 
 

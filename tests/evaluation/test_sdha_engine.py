@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
 
-from robust_ranking.evaluation import ATTACKS, Collectives, RobustnessEvaluator, Suite, SuiteError
+from robust_ranking.evaluation import ATTACKS, RobustnessEvaluator, Suite, SuiteError
 from robust_ranking.data import SyntheticDataModule
 from robust_ranking.lightning_modules import DCHLoss, DCHRanker, LeNet
-from run_helpers import fit_with_adam
+from run_helpers import on_thread_ranks, fit_with_adam
 
 SUITE = {
     "name": "sdha_test", "num_samples": 10, "seed": 0, "batch_size": 4,
@@ -97,42 +96,10 @@ def test_engine_runs_the_hashing_attacks_on_the_query_database_split(dch_split):
     assert {"l2", "l2_at_target", "success", "iterations"} <= set(by_name["SDHA"].extra)
 
 
-class _ThreadCollectives(Collectives):
-    """One rank of a world simulated by threads: a barrier-synchronized all_gather."""
-
-    def __init__(self, rank: int, slots: list, barrier: threading.Barrier) -> None:
-        self.rank, self.world_size, self.slots, self.sync = rank, len(slots), slots, barrier
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.sync.wait()
-        self.slots[self.rank] = tensor.clone()
-        self.sync.wait()
-        out = torch.stack(list(self.slots))
-        self.sync.wait()  # everyone has read before the next call overwrites
-        return out
-
-    def barrier(self) -> None:
-        self.sync.wait()
-
-
 def test_world_size_two_gives_the_single_process_numbers(dch_split):
     model, dm = dch_split
     single = evaluate(model, dm)
-    slots, barrier, outputs, errors = [None, None], threading.Barrier(2), {}, []
-
-    def rank_main(rank: int) -> None:
-        try:
-            outputs[rank] = evaluate(copy.deepcopy(model), dm, _ThreadCollectives(rank, slots, barrier))
-        except BaseException as err:  # noqa: BLE001 - surfaced below
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    outputs = on_thread_ranks(lambda collectives: evaluate(copy.deepcopy(model), dm, collectives))
     for rank in (0, 1):
         for a, b in zip(single.results, outputs[rank].results, strict=True):
             assert (a.attack, a.mean, a.clean, a.count) == (b.attack, b.mean, b.clean, b.count), rank
