@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -84,6 +85,10 @@ class RetrievalMetrics(Metric):
                 f"expected labels and indices of shape ({batch},), got {tuple(labels.shape)} "
                 f"and {tuple(indices.shape)}"
             )
+        if codes.dtype in (torch.float16, torch.bfloat16):
+            # Under mixed precision (``--trainer.precision bf16-mixed``) embed / encode return half
+            # floats: the gallery is stored and ranked in float32, like eval.py's autocast wrapper.
+            codes = codes.float()
         self.codes.append(codes.detach())
         self.labels.append(labels.detach())
         self.indices.append(indices.detach().long())

@@ -127,6 +127,7 @@ def test_invalid_arguments() -> None:
         index.add(torch.randn(5, 3))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_index_on_cuda_matches_cpu() -> None:
     g = torch.Generator().manual_seed(2)
@@ -141,6 +142,7 @@ def test_torch_index_on_cuda_matches_cpu() -> None:
     assert torch.equal(g_ids.cpu(), c_ids) and torch.equal(g_dist.cpu(), c_dist)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not faiss_gpu_available(), reason="needs GPU faiss")
 def test_gpu_faiss_matches_cpu_faiss() -> None:
     g = torch.Generator().manual_seed(3)

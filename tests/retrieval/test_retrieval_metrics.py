@@ -204,6 +204,7 @@ def test_input_validation() -> None:
         recall_at_k(l1_distance(codes, codes), labels, labels, ks=(0,))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     codes, labels = tied_data(200, seed=7)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -73,6 +74,12 @@ class TorchvisionResNet(nn.Module):
         freeze_bn: keep the trunk's BatchNorm layers in eval mode while training (running statistics
             stay those of the pretrained weights; their affine parameters still train), as the
             RobRank 224x224 models do. The BN-neck is not frozen.
+        channels_last: keep the trunk's weights and its input images in the ``channels_last``
+            (NHWC) memory format, the fast layout of cuDNN / tensor-core convolutions under mixed
+            precision (``--trainer.precision bf16-mixed`` / ``16-mixed``); the numbers are those of
+            the default layout up to float rounding (tests/lightning_modules/test_mixed_precision.py).
+            Only the layout changes: images stay ``[B, C, H, W]`` in ``[0, 1]`` and the state dict's
+            keys and shapes are the same, so checkpoints load either way.
 
     Normalization (ImageNet mean / std for pretrained weights) belongs to the ranker
     (``MetricRanker(input_normalization=...)``), so images and attack budgets stay in [0, 1].
@@ -87,6 +94,7 @@ class TorchvisionResNet(nn.Module):
         weights_path: str | None = None,
         bn_neck: bool = False,
         freeze_bn: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if embedding_dim < 1:
@@ -107,6 +115,10 @@ class TorchvisionResNet(nn.Module):
         self.pretrained_skipped: list[str] = []
         if weights_path is not None:
             self.pretrained_skipped = load_pretrained_trunk(net, weights_path, arch.__name__)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            # (load_state_dict copies into the existing tensors, so the layout survives checkpoint loads)
+            self.net.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "TorchvisionResNet":
         super().train(mode)
@@ -117,6 +129,8 @@ class TorchvisionResNet(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         z = self.net(x)
         return self.neck(z) if self.neck is not None else z
 
@@ -125,7 +139,7 @@ class ResNet18(TorchvisionResNet):
     """torchvision's ResNet-18 with the DML head (:class:`TorchvisionResNet`); 512 trunk features.
 
     The defaults (1 channel, CIFAR stem) fit MNIST-like data; for 224x224 RGB benchmarks use
-    ``in_channels=3, small_input=False`` (``configs/models/ct_resnet18_dml.yaml``).
+    ``in_channels=3, small_input=False`` (``configs/models/ct_rn18_dml.yaml``).
     """
 
     def __init__(
@@ -136,9 +150,10 @@ class ResNet18(TorchvisionResNet):
         weights_path: str | None = None,
         bn_neck: bool = False,
         freeze_bn: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(torchvision.models.resnet18, in_channels, embedding_dim, small_input, weights_path,
-                         bn_neck, freeze_bn)
+                         bn_neck, freeze_bn, channels_last)
 
 
 class ResNet50(TorchvisionResNet):
@@ -153,6 +168,7 @@ class ResNet50(TorchvisionResNet):
         weights_path: str | None = None,
         bn_neck: bool = False,
         freeze_bn: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(torchvision.models.resnet50, in_channels, embedding_dim, small_input, weights_path,
-                         bn_neck, freeze_bn)
+                         bn_neck, freeze_bn, channels_last)
