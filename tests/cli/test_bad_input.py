@@ -186,7 +186,7 @@ CASES += [
     Case("eval-unknown-suite", "eval.py", ("--ckpt", "{tmp}/model.ckpt", *EVAL, "--suite", "{tmp}/nosuch.yaml"),
          "suite file '{tmp}/nosuch.yaml' does not exist"),
     Case("eval-unknown-suite-name", "eval.py", ("--ckpt", "{tmp}/model.ckpt", *EVAL, "--suite", "quik"),
-         "unknown suite 'quik': give a suite file, or one of the shipped suites: eccv2020_28x28, "),
+         "unknown suite 'quik': give a suite file, or one of the shipped suites: "),
     Case("eval-eps-out-of-range", "eval.py", ("--ckpt", "{tmp}/model.ckpt", *EVAL, "--suite", "{tmp}/bad.yaml"),
          "epsilon 3 is outside [0, 1]", prepare=_bad_eps_suite),
     Case("eval-num-samples-0", "eval.py", ("--ckpt", "{tmp}/model.ckpt", *EVAL, "--num-samples", "0"),
