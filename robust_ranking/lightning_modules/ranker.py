@@ -29,6 +29,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 
 from robust_ranking.retrieval.index import RetrievalIndex, TorchFlatIndex
@@ -56,6 +57,7 @@ class Ranker(pl.LightningModule):
     #: replacing Lightning's ``-1`` placeholder; ``None``: ``"map"`` for PQ / hashing rankers,
     #: ``"recall@1"`` otherwise (:attr:`main_metric`).
     hp_metric_key: str | None = None
+    _hparams_session_of: int | None = None  # id() of the Trainer whose run has its HParams session
 
     def __init__(self, recall_ks: tuple[int, ...] = (1, 2, 4, 8)) -> None:
         super().__init__()
@@ -141,8 +143,21 @@ class Ranker(pl.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
         if stage == "val" and self.main_metric in values and not self.trainer.sanity_checking:
             # TensorBoard's HParams tab reads ``hp_metric``: the main metric of the latest validation.
+            self._open_hparams_session(float(values[self.main_metric]))
             self.log("hp_metric", values[self.main_metric], sync_dist=True, reduce_fx="max")  # identical on every rank
         metrics.reset()
+
+    def _open_hparams_session(self, value: float) -> None:
+        """Write the HParams session with the first real ``hp_metric`` (once per run, rank 0): a
+        TensorBoard logger with ``default_hp_metric=False`` (``configs/base/trainer.yaml``) writes none
+        at fit start, where Lightning's default would write its ``-1`` placeholder."""
+        if self._hparams_session_of == id(self.trainer):  # once per fit / validate run
+            return
+        self._hparams_session_of = id(self.trainer)
+        for logger in self.loggers:
+            # Lightning's flag (a private attribute since 1.x): False = no session was written at fit start
+            if isinstance(logger, TensorBoardLogger) and not getattr(logger, "_default_hp_metric", True):
+                logger.log_hyperparams(self.hparams, {"hp_metric": value})
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(self.val_metrics, batch)

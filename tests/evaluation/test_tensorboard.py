@@ -232,6 +232,27 @@ def test_training_logs_hp_metric_projector_and_hamming_pr_curve(tiny_dch, tmp_pa
     assert (Path(logger.log_dir) / "projector_config.pbtxt").is_file()
 
 
+def test_the_shipped_logger_setting_gives_hp_metric_without_the_placeholder(tiny_dch, tmp_path):
+    """configs/base/trainer.yaml: ``default_hp_metric: false``: no -1 anywhere; the ranker opens the
+    HParams session itself with its main metric at the first validation."""
+    model, datamodule = tiny_dch
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
+    try:
+        trainer(tmp_path, logger, [], max_epochs=2, limit_train_batches=1, num_sanity_val_steps=1).fit(
+            model, datamodule=datamodule)
+    finally:
+        model.load_state_dict(state)
+        model.eval()
+    logger.experiment.flush()
+    acc = events(Path(logger.log_dir))
+    hp = [e.value for e in acc.Scalars("hp_metric")]
+    val_map = [e.value for e in acc.Scalars("val/map")]
+    assert -1 not in hp and hp[-len(val_map):] == pytest.approx(val_map)  # each validation, no placeholder
+    params, metric_tags = hparams_session(Path(logger.log_dir))
+    assert metric_tags == ["hp_metric"] and params["hash_bits"] == 16
+
+
 def test_metric_ranker_hp_metric_is_recall_at_1(tiny_ranker):
     assert tiny_ranker.model.main_metric == "recall@1"
     assert DCHRanker(LeNet(embedding_dim=16), hash_bits=16).main_metric == "map"
