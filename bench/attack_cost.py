@@ -38,6 +38,7 @@ import torch
 
 from robust_ranking.attacks.attack import frozen_eval
 from robust_ranking.evaluation.engine import Collectives, RobustnessEvaluator, _pad_to
+from robust_ranking.evaluation.options import resolve_suite
 from robust_ranking.evaluation.registry import ATTACKS
 from robust_ranking.evaluation.suite import Suite
 
@@ -118,7 +119,7 @@ def forward_backward(model, images: torch.Tensor, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="attack_cost.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", default="configs/suites/quick.yaml")
+    parser.add_argument("--suite", default="quick", help="a suite YAML or a shipped suite's name")
     parser.add_argument("--num-samples", type=int, default=100, help="T attacked samples")
     parser.add_argument("--batch-size", type=int, default=None, help="attack batch size (default: suite's)")
     parser.add_argument("--model", "--backbone", dest="model", choices=("c2f1", "lenet", "resnet18", "resnet50"),
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
 
         plugin = MixedPrecision(args.precision, device.type)
         _autocast_model(model, SimpleNamespace(strategy=SimpleNamespace(precision_plugin=plugin)))
-    suite = Suite.from_yaml(args.suite)
+    suite = Suite.from_yaml(resolve_suite(args.suite))
     evaluator = RobustnessEvaluator(suite, num_samples=args.num_samples, batch_size=args.batch_size,
                                     clean_metrics=False, progress=False)
     dataset = dm.eval_set

@@ -35,7 +35,7 @@ from typing import Any
 
 from robust_ranking.evaluation.score import ERS, ERS_ONLY_ATTACKS, ERS_TERMS
 
-__all__ = ["Report", "config_result_from_row", "result_row", "run_metadata", "write_atomic", "write_outputs"]
+__all__ = ["Report", "config_result_from_row", "nan_mean", "result_row", "run_metadata", "write_atomic", "write_outputs"]
 
 FORMAT = "robust-ranking/robustness-report/v1"
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +96,11 @@ def _git_commit() -> dict[str, Any] | None:
         return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def nan_mean(values: Any) -> float:
+    """Mean of a tensor of per-sample values in float64, NaN (padding, undefined) ignored: a report cell."""
+    return float(values.double().nanmean())
 
 
 def result_row(r: Any) -> dict[str, Any]:

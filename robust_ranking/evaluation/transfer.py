@@ -42,7 +42,7 @@ from robust_ranking.evaluation.errors import EvaluationError, one_line
 from robust_ranking.evaluation.launch import stop_vote
 from robust_ranking.evaluation.options import BenchmarkOptions, load_suite
 from robust_ranking.evaluation.registry import ATTACKS
-from robust_ranking.evaluation.report import run_metadata, write_outputs
+from robust_ranking.evaluation.report import nan_mean, run_metadata, write_outputs
 from robust_ranking.evaluation.suite import SuiteError
 
 __all__ = ["TransferPlan", "evaluate_transfer", "model_names", "prepare_transfer", "transfer_report_markdown"]
@@ -223,7 +223,7 @@ def _evaluate_transfer(plan: TransferPlan, options: BenchmarkOptions, collective
                                       source_gallery=galleries[src], target_galleries=galleries,
                                       progress=progress, collectives=collectives)
                 row["matrix"][src] = {
-                    tgt: {"rank_clean": _mean(res.rank_clean[tgt]), "rank": _mean(res.rank[tgt]),
+                    tgt: {"rank_clean": nan_mean(res.rank_clean[tgt]), "rank": nan_mean(res.rank[tgt]),
                           "rank_std": float(res.rank[tgt].double().std()) if len(indices) > 1 else 0.0}
                     for tgt in plan.targets}
             row["wall_s"][src] = time.perf_counter() - t0
@@ -307,8 +307,8 @@ def _pq_cells(res: Any, targets: list[str]) -> dict[str, dict[str, float]]:
     for tgt in targets:
         cell = {}
         for mode in ("sdc", "adc"):
-            cell[f"ap_{mode}_clean"] = _mean(res.ap_clean[tgt][f"ap_{mode}"])
-            cell[f"ap_{mode}"] = _mean(res.ap[tgt][f"ap_{mode}"])
+            cell[f"ap_{mode}_clean"] = nan_mean(res.ap_clean[tgt][f"ap_{mode}"])
+            cell[f"ap_{mode}"] = nan_mean(res.ap[tgt][f"ap_{mode}"])
         values = res.ap[tgt]["ap_sdc"]
         cell["ap_sdc_std"] = float(values.double().std()) if values.numel() > 1 else 0.0
         cells[tgt] = cell
@@ -320,7 +320,3 @@ def _cell(value: dict[str, float]) -> tuple[float, float]:
     if "rank" in value:
         return value["rank_clean"], value["rank"]
     return 100 * value["ap_sdc_clean"], 100 * value["ap_sdc"]
-
-
-def _mean(values: Any) -> float:
-    return float(values.double().nanmean())

@@ -32,7 +32,7 @@ from robust_ranking.evaluation.engine import EvaluationInterrupted, clean_metric
 from robust_ranking.evaluation.errors import EvaluationError, one_line
 from robust_ranking.evaluation.launch import stop_vote
 from robust_ranking.evaluation.registry import UNIVERSAL_ATTACKS
-from robust_ranking.evaluation.report import run_metadata, write_outputs
+from robust_ranking.evaluation.report import nan_mean, run_metadata, write_outputs
 from robust_ranking.evaluation.tensorboard import (
     HPARAM_METRICS_PREFIX,
     example_grid,
@@ -176,8 +176,8 @@ def _evaluate_universal(model: nn.Module, datamodule: Any, suite: Any, json_path
                                               unseen, scale=s, collectives=collectives)
                     for s in attack.eval_scales}  # type: ignore[attr-defined]
             else:
-                row["fit"] = {k: _mean(v) for k, v in res.fit.items()}
-                row["unseen"] = {k: _mean(v) for k, v in (res.unseen or {}).items()}
+                row["fit"] = {k: nan_mean(v) for k, v in res.fit.items()}
+                row["unseen"] = {k: nan_mean(v) for k, v in (res.unseen or {}).items()}
                 row["fit_std"] = {k: float(v.double().std()) for k, v in res.fit.items()}
             row["history"], row["wall_s"] = res.history, time.perf_counter() - t0
             results.append(row)
@@ -259,10 +259,6 @@ def config_label_of(row: dict[str, Any]) -> str:
     if row.get("resize_range"):
         extra.append(f"resize={row['resize_range']}")
     return " ".join([row["attack"], *extra])
-
-
-def _mean(values: Any) -> float:
-    return float(values.double().nanmean())
 
 
 def universal_markdown(data: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 status 2, no traceback, and nothing written before the refusal.
 
 :data:`CASES` is one table of rows; each runs ``python <prog> <argv>`` in a subprocess from the
-repository root. ``{tmp}`` in ``argv`` stands for the row's temporary directory; ``prepare``
+repository root (all rows once per session, two at a time, by the ``outcomes`` fixture). ``{tmp}`` in ``argv`` stands for the row's temporary directory; ``prepare``
 (optional) fabricates files there first. Rows for other programs (``eval.py``) can be appended
 with their own ``prog``.
 """
@@ -78,6 +78,11 @@ def _corrupt_gzip(tmp: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def _yaml_with(tmp: Path, text: str) -> None:
+    """``{tmp}/bad.yaml``: the CT config plus ``text`` (a misspelled key)."""
+    (tmp / "bad.yaml").write_text(f"config: {REPO / CT}\n{text}")
+
+
 # ----------------------------------------------------------------------------- the table
 # train.py rows: a model config, CPU, every output redirected into the row's tmp directory.
 TRAIN = ("fit", "--config", CT, "--trainer.accelerator", "cpu", "--trainer.default_root_dir", "{tmp}",
@@ -130,6 +135,23 @@ CASES: list[Case] = [
          "a training batch of batch_size 4000000 (3x224x224 images) needs at least"),
     # no predict sub-command (rankers have no prediction step)
     Case("predict-subcommand", "train.py", ("predict", "--config", CT), "invalid choice: 'predict'"),
+    # unknown classes, misspelled keys (on the command line and in a YAML), a missing data folder
+    Case("unknown-data-class", "train.py", (*TRAIN, "--data", "robust_ranking.data.NoSuchDataModule"),
+         "unknown data class 'robust_ranking.data.NoSuchDataModule'"),
+    Case("unknown-model-class", "train.py", (*TRAIN, "--model", "robust_ranking.lightning_modules.NoSuchRanker"),
+         "unknown model class 'robust_ranking.lightning_modules.NoSuchRanker'"),
+    Case("model-class-before-0.2", "train.py", (*TRAIN, "--model", "lightning_modules.MetricRanker"),
+         "the classes moved into the robust_ranking package, write 'robust_ranking.lightning_modules.MetricRanker'"),
+    Case("unknown-trainer-key", "train.py", (*TRAIN, "--trainer.max_epocs", "3"),
+         "unrecognized arguments: --trainer.max_epocs"),
+    Case("unknown-model-key", "train.py", (*TRAIN, "--model.init_args.backbon", "x"), "backbon"),
+    Case("unknown-key-in-yaml-nested", "train.py", ("fit", "--config", "{tmp}/bad.yaml"), "max_epoch",
+         prepare=lambda tmp: _yaml_with(tmp, "trainer:\n  max_epoch: 3\n")),
+    Case("unknown-key-in-yaml-dotted", "train.py", ("fit", "--config", "{tmp}/bad.yaml"), "max_epoch",
+         prepare=lambda tmp: _yaml_with(tmp, "trainer.max_epoch: 3\n")),
+    Case("missing-data-root", "train.py",
+         (*TRAIN, "--data.root", "/no/such/dir", "--data.download", "false", "--trainer.fast_dev_run", "1"),
+         "/no/such/dir does not exist"),
 ]
 
 
@@ -223,18 +245,43 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_is_one_line_before_any_work(case: Case, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    run = request.getfixturevalue("tiny_run") if case.prog == "eval.py" else None
+@dataclass
+class Outcome:
+    """A row's finished run: its temporary directory, the files there before the run, the process."""
+
+    tmp: Path
+    before: set[Path]
+    proc: subprocess.CompletedProcess
+
+
+def _run_case(case: Case, tmp: Path, run: Path | None) -> Outcome:
     if run is not None:
-        shutil.copy(run / "model.ckpt", tmp_path / "model.ckpt")
+        shutil.copy(run / "model.ckpt", tmp / "model.ckpt")
     if case.prepare is not None:
-        case.prepare(tmp_path)
-    before = {p for p in tmp_path.rglob("*")}
-    argv = [arg.format(tmp=tmp_path, run=run) for arg in case.argv]
+        case.prepare(tmp)
+    before = set(tmp.rglob("*"))
+    argv = [arg.format(tmp=tmp, run=run) for arg in case.argv]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, case.prog, *argv], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
+    return Outcome(tmp, before, proc)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, tiny_run) -> dict[str, Outcome]:
+    """Every row run once, two at a time (each is one interpreter start-up and a refusal: the start-up is most
+    of the cost, and two cores start two interpreters in the time of one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case.name: pool.submit(_run_case, case, tmp_path_factory.mktemp(case.name),
+                                          tiny_run if case.prog == "eval.py" else None) for case in CASES}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_before_any_work(case: Case, outcomes: dict[str, Outcome]) -> None:
+    tmp_path, before, proc = outcomes[case.name].tmp, outcomes[case.name].before, outcomes[case.name].proc
     assert proc.returncode == case.returncode, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr[-3000:]

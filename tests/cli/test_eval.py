@@ -136,19 +136,25 @@ def test_interrupted_run_keeps_the_finished_report(tiny_run, tmp_path, monkeypat
 def test_ddp_two_processes_give_the_single_process_numbers(tiny_run, tmp_path):
     """World size 2 (gloo, CPU) and world size 1 write the same numbers, exactly: targets are
     keyed per sample, every forward has the same batch shape and the reduction is in sample
-    order (see robust_ranking/evaluation/engine.py), so no tolerance is needed."""
+    order (see robust_ranking/evaluation/engine.py), so no tolerance is needed. The suite adds
+    RobRank's ERS attacks (TMA, ES:R, LTM, GTM, GTT) to the tiny one, so they too run in real
+    processes, not only on thread-simulated ranks (tests/attacks/test_ers_attacks.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(tiny_run["suite"].read_text() + "".join(
+        f"  - {{attack: {name}, epsilons: [0.1], steps: 2}}\n" for name in ("TMA", "ES:R", "LTM", "GTM", "GTT")))
     reports = {}
     for devices in (2, 1):
         out = tmp_path / f"devices{devices}"
         proc = subprocess.run(
-            [sys.executable, str(REPO / "eval.py"), "--ckpt", str(tiny_run["ckpt"]), "--suite", str(tiny_run["suite"]),
+            [sys.executable, str(REPO / "eval.py"), "--ckpt", str(tiny_run["ckpt"]), "--suite", str(suite),
              "--accelerator", "cpu", "--devices", str(devices), "--output-dir", str(out), "--no-progress"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[devices] = json.loads((out / f"{tiny_run['ckpt'].stem}.eval-test.json").read_text())
     assert reports[2]["world_size"] == 2 and reports[1]["world_size"] == 1
+    assert {"TMA", "ES:R", "LTM", "GTM", "GTT"} <= {row["attack"] for row in reports[1]["results"]}
     assert strip_timing(reports[2]) == strip_timing(reports[1])
 
 

@@ -160,40 +160,7 @@ def run_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
-
-
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["--data", "robust_ranking.data.NoSuchDataModule"], "unknown data class 'robust_ranking.data.NoSuchDataModule'"),
-        (["--model", "robust_ranking.lightning_modules.NoSuchRanker"], "unknown model class 'robust_ranking.lightning_modules.NoSuchRanker'"),
-        (["--model", "lightning_modules.MetricRanker"],
-         "the classes moved into the robust_ranking package, write 'robust_ranking.lightning_modules.MetricRanker'"),
-        (["--trainer.max_epocs", "3"], "unrecognized arguments: --trainer.max_epocs"),
-        (["--model.init_args.backbon", "x"], "backbon"),
-        (["--data.root", "/no/such/dir", "--data.download", "false"], "/no/such/dir does not exist"),
-    ],
-    ids=["unknown-data", "unknown-model", "model-before-0.2", "unknown-key", "unknown-model-key", "missing-root"],
-)
-def test_bad_input_gives_one_clear_line(args, expected, tmp_path):
-    proc = run_train("fit", "--config", str(REPO / "configs/fashion_mnist_ct.yaml"), *args,
-                     "--trainer.fast_dev_run", "1", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = error_lines(proc)
-    assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("text", ["trainer:\n  max_epoch: 3\n", "trainer.max_epoch: 3\n"], ids=["nested", "dotted"])
-def test_unknown_key_in_a_yaml_config(text, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(f"config: {REPO / 'configs/fashion_mnist_ct.yaml'}\n{text}")
-    proc = run_train("fit", "--config", str(bad), cwd=tmp_path)
-    assert proc.returncode == 2
-    lines = error_lines(proc)
-    assert len(lines) == 1 and "max_epoch" in lines[0], proc.stderr[-2000:]
+# Bad class names, keys and paths (one line on stderr, exit 2): rows of tests/cli/test_bad_input.py.
 
 
 # ------------------------------------------------------------------------------- DDP

@@ -19,7 +19,9 @@ EXACTLY (no tolerance; NaN equals NaN, ``1`` is not ``1.0``):
   and shared targets) on a tiny metric ranker;
 - ``uap.json``: UAP-IR label / pair / list (``uap_retrieval*.yaml``'s shapes: no resizing, a resize
   range, the ablation's options) on the same ranker;
-- ``transfer.json``: ``eval.py --source A B --ckpt A B`` (a 2 x 2 matrix per attack) on two tiny rankers.
+- ``transfer.json``: ``eval.py --source A B --ckpt A B`` (a 2 x 2 matrix per attack) on two tiny rankers;
+- ``ers.json``: RobRank's ten ERS attacks (``robrank_ers_28.yaml``'s shape) and the ERS on the metric ranker
+  (fixed when the ERS attacks were added, issue 16).
 
 Everything goes through stable entry points only: ``eval.main``, ``train.py`` (``run_helpers.train_in``)
 and ``scripts/sdha_tables.py``'s ``load_results`` (imported by file path); the tiny models are trained
@@ -96,6 +98,26 @@ attacks:
   - {attack: SDHA-T, epsilons: [0.3], steps: 12, check_every: 4, lagrange: 100, topk: 16, target_label: random}
   - {attack: SDHA-UW-T, epsilons: [0.3], steps: 12, check_every: 4, lagrange: 100, topk: 16, target_label: random}
   - {attack: DHTA, epsilons: [0.3], steps: 12, check_every: 4, alpha: 0.01, topk: 16, target_label: random}
+"""
+
+# configs/suites/robrank_ers_28.yaml, shrunk: RobRank's ten ERS attacks (QA without the SP term), T = 12 in
+# batches of 5 (a ragged last batch of 2), 4 PGD steps; the report carries ERS beside the score.
+ERS_SUITE = """
+name: golden-ers
+num_samples: 12
+seed: 0
+batch_size: 5
+attacks:
+  - {attack: CA+, epsilons: [0.1], w: [1], steps: 4}
+  - {attack: CA-, epsilons: [0.1], w: [1], steps: 4}
+  - {attack: QA+, epsilons: [0.1], m: [1], G: 0, steps: 4}
+  - {attack: QA-, epsilons: [0.1], m: [1], G: 0, steps: 4}
+  - {attack: TMA, epsilons: [0.1], steps: 4}
+  - {attack: ES, epsilons: [0.1], steps: 4}
+  - {attack: ES:R, epsilons: [0.1], steps: 4}
+  - {attack: LTM, epsilons: [0.1], steps: 4}
+  - {attack: GTM, epsilons: [0.1], steps: 4}
+  - {attack: GTT, epsilons: [0.1], steps: 4}
 """
 
 # The SDHA tables' traces (configs/suites/sdha_tables_*.yaml's shape, traces: true), as
@@ -542,6 +564,7 @@ def _families(tiny_ranker: Callable[[], Any]) -> dict[str, Callable[[Path], dict
                                                "golden-universal"),
         "uap": lambda root: suite_report(train_metric(root)["tiny_a"], root, UAP_SUITE, "golden-uap"),
         "transfer": lambda root: transfer_report(train_metric(root), root),
+        "ers": lambda root: suite_report(train_metric(root)["tiny_a"], root, ERS_SUITE, "golden-ers"),
     }
 
 
@@ -599,6 +622,14 @@ def test_universal_suite_numbers_are_unchanged(metric_ckpts, tmp_path):
 
 def test_uap_suite_numbers_are_unchanged(metric_ckpts, tmp_path):
     assert_matches(suite_report(metric_ckpts["tiny_a"], tmp_path, UAP_SUITE, "golden-uap"), "uap")
+
+
+def test_ers_suite_numbers_are_unchanged(metric_ckpts, tmp_path):
+    report = suite_report(metric_ckpts["tiny_a"], tmp_path, ERS_SUITE, "golden-ers")
+    assert [r["attack"] for r in report["results"]] == [
+        "CA+", "CA-", "QA+", "QA-", "TMA", "ES", "ES:R", "LTM", "GTM", "GTT"]
+    assert report["ers"]["value"] is not None and len(report["ers"]["terms"]) == 10
+    assert_matches(report, "ers")
 
 
 def test_transfer_numbers_are_unchanged(metric_ckpts, tmp_path):
