@@ -367,13 +367,16 @@ class Report:
             seen.add(label)
             labelled.append((label, report.data))
         lines = [f"# {title}", ""]
-        lines += ["| checkpoint | robustness score | clean R@1 | mAP | suite | T |",
-                  "| --- | ---: | ---: | ---: | --- | ---: |"]
+        # RobRank's ERS beside the score when a report has it (suites running all ten ERS attacks)
+        with_ers = any((d.get("ers") or {}).get("value") is not None for _, d in labelled)
+        lines += ["| checkpoint | robustness score |" + (" ERS |" if with_ers else "") + " clean R@1 | mAP | suite | T |",
+                  "| --- | ---: |" + (" ---: |" if with_ers else "") + " ---: | ---: | --- | ---: |"]
         for label, d in labelled:
             clean = d.get("clean") or {}
             r1 = _fmt(100 * clean["recall@1"]) if "recall@1" in clean else "–"
             mean_ap = _fmt(100 * clean["map"]) if "map" in clean else "–"
-            lines.append(f"| {label} | {_fmt(d.get('robustness_score'), 3)} | {r1} | {mean_ap} | "
+            ers = f" {_fmt((d.get('ers') or {}).get('value'))} |" if with_ers else ""
+            lines.append(f"| {label} | {_fmt(d.get('robustness_score'), 3)} |{ers} {r1} | {mean_ap} | "
                          f"{d['suite']['name']} | {d['num_samples']} |")
         lines.append("")
         rank_table = _rank_table(labelled)

@@ -36,10 +36,11 @@ def test_the_script_parses() -> None:
 
 def test_every_training_command_parses_and_arms_share_one_budget(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
-    commands = dry_run(tmp_path / "out", arms="act")
+    commands = dry_run(tmp_path / "out", arms="act hm")
     trains = {c[c.index("--trainer.logger.init_args.name") + 1]: c[3:] for c in commands if c[1] == "train.py"}
     assert sorted(trains) == sorted(["ct_base", "ct_vanilla", "ct_max_shift", "ct_act", "ct_hm", "dch_base",
-                                     "dch_vanilla", "dch_act", "dpqn_base", "dpqn_vanilla", "dpqn_act"])
+                                     "dch_vanilla", "dch_act", "dch_hm", "dpqn_base", "dpqn_vanilla", "dpqn_act",
+                                     "dpqn_hm"])
     for name, argv in trains.items():
         config = resolved_config(*argv)
         family, arm = name.split("_", 1)
@@ -60,12 +61,14 @@ def test_every_training_command_parses_and_arms_share_one_budget(tmp_path: Path,
         adversary = callbacks[DEFENSES[arm]]
         assert math.isclose(adversary["eps"], 77 / 255) and math.isclose(adversary["alpha"], 10 / 255)
         assert adversary["steps"] == 10
+        if arm == "hm":  # the margin is a hardness in the ranker's distance units: 10% of its range
+            assert adversary["margin"] == {"ct": 0.2, "dch": 3.2, "dpqn": 0.4}[family]
 
 
 def test_the_evaluations_use_shipped_suites_on_every_arm(tmp_path: Path) -> None:
     commands = [c for c in dry_run(tmp_path, "ct-eval", "dch-eval", "dpqn-eval") if c[1] == "eval.py"]
     suites = [c[c.index("--suite") + 1] for c in commands]
-    assert suites == ["robrank_ers_28", "eccv2020_28x28_defense_check", "sdha_fashion_mnist", "pqag_table"]
+    assert suites == ["robrank_ers_28", "eccv2020_28x28_defense_check", "sdha_defense_check", "pqag_table"]
     for command, suite in zip(commands, suites):
         assert resolve_suite(suite).is_file()
         ckpts = command[command.index("--ckpt") + 1:]

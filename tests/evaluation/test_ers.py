@@ -134,3 +134,15 @@ def test_report_and_tensorboard():
 
     eccv_only = _Results([r for r in rows() if r.attack in ("CA+", "CA-", "QA+", "QA-", "ES")])
     assert "ERS" not in Report.from_results(eccv_only, include_environment=False).to_markdown()
+
+
+def test_the_comparison_table_has_an_ers_column_when_a_report_has_ers():
+    full = Report.from_results(_Results(rows()), include_environment=False)
+    partial = Report.from_results(_Results([r for r in rows() if r.attack != "LTM"]), include_environment=False)
+    header, _, first, second = Report.comparison_markdown([full, partial]).splitlines()[2:6]
+    assert header.startswith("| checkpoint | robustness score | ERS | clean R@1 |")
+    assert first.split("|")[3].strip() == f"{expected_ers(RAW):.1f}"
+    assert second.split("|")[3].strip() == "–"  # no ERS: a missing term
+    eccv_only = Report.from_results(_Results([r for r in rows() if r.attack in ("CA+", "CA-", "QA+", "QA-", "ES")]),
+                                    include_environment=False)
+    assert "ERS" not in Report.comparison_markdown([eccv_only, eccv_only]).splitlines()[2]
