@@ -47,6 +47,7 @@ from robust_ranking.evaluation.engine import (
 )
 from robust_ranking.evaluation.options import resolve_suite
 from robust_ranking.evaluation.report import Report, write_atomic
+from robust_ranking.evaluation.score import ERS
 from robust_ranking.evaluation.suite import Suite
 from robust_ranking.evaluation.tensorboard import hparam_metrics, scalar_values, write_evaluation, write_hparams
 
@@ -285,7 +286,7 @@ class RobustnessEvaluation(pl.Callback):
         writer = self._tensorboard(trainer)
         if writer is None:
             return
-        metrics = hparam_metrics(results.clean, results.score)
+        metrics = hparam_metrics(results.clean, results.score, ERS.from_results(results.results).value)
         if not metrics:
             return
         model_hparams = {k: v for k, v in dict(getattr(pl_module, "hparams", {}) or {}).items()}

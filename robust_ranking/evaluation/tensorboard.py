@@ -22,7 +22,8 @@ writer can share it. Tags (``<a>`` = attack, ``<e>`` = epsilon, ``<k>`` = w / m)
   (:func:`curve_figure`; the reports save the same figure as PNG next to their Markdown);
 - hparams (:func:`write_hparams`): the HParams tab's session with the run's settings and the metrics
   ``hparams/clean_recall@1``, ``hparams/clean_map``, ``hparams/robust_score`` and
-  ``hparams/robust_score/<a>``, so that several checkpoints (one sub-run each) compare side by side.
+  ``hparams/robust_score/<a>`` (and ``hparams/ers`` when the suite ran RobRank's ten ERS attacks), so that
+  several checkpoints (one sub-run each) compare side by side.
 
 The universal runner (:mod:`evaluation.universal`) writes the same kinds of entries with these
 functions: ``robust_images/<config> ...`` grids, ``robust_curves/<attack>``, an HParams session.
@@ -98,8 +99,9 @@ def write_scalars(writer: Any, results: Any, step: int) -> None:
 
 
 # --------------------------------------------------------------------------- hparams
-def hparam_metrics(clean: Mapping[str, float] | None, score: Any) -> dict[str, float]:
-    """The HParams tab's metrics: clean R@1 / mAP, the robustness score and its per-attack parts."""
+def hparam_metrics(clean: Mapping[str, float] | None, score: Any, ers: float | None = None) -> dict[str, float]:
+    """The HParams tab's metrics: clean R@1 / mAP, the robustness score and its per-attack parts, and
+    RobRank's ERS when the suite ran its ten attacks (``ers``: :class:`evaluation.score.ERS`'s value)."""
     p = HPARAM_METRICS_PREFIX
     out: dict[str, float] = {}
     for key in ("recall@1", "map"):
@@ -108,6 +110,8 @@ def hparam_metrics(clean: Mapping[str, float] | None, score: Any) -> dict[str, f
     if score is not None and score.value is not None:
         out[f"{p}/robust_score"] = float(score.value)
         out.update({f"{p}/robust_score/{a}": float(v) for a, v in score.per_attack.items()})
+    if ers is not None:
+        out[f"{p}/ers"] = float(ers)
     return out
 
 

@@ -116,7 +116,7 @@ class _Results:
 
 
 def test_report_and_tensorboard():
-    from robust_ranking.evaluation.tensorboard import scalar_values
+    from robust_ranking.evaluation.tensorboard import hparam_metrics, scalar_values
 
     full = _Results(rows())
     report = Report.from_results(full, include_environment=False)
@@ -125,6 +125,9 @@ def test_report_and_tensorboard():
     markdown = report.to_markdown()
     assert "**ERS 28.8**" in markdown and "ES:D 31.5" in markdown
     assert scalar_values(full)["robust/ers"] == pytest.approx(expected_ers(RAW))
+    assert hparam_metrics(None, full.score, report.data["ers"]["value"])["hparams/ers"] == pytest.approx(
+        expected_ers(RAW))
+    assert "hparams/ers" not in hparam_metrics(None, full.score)
 
     partial = _Results([r for r in rows() if r.attack != "LTM"])
     data = Report.from_results(partial, include_environment=False).data
